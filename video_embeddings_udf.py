@@ -1,0 +1,406 @@
+"""Geneva UDF that turns a video URL into V-JEPA2 embeddings.
+
+The module is laid out in pipeline order: settings, open, sample, decode, preprocess,
+embed, pool to rows, then the ``VideoEmbedding`` UDF that wires them together, and the
+aggregation helpers used at search time. Torch, transformers and torchcodec are imported
+lazily so that importing this module (on the driver, at ``add_columns``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, get_args
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from geneva import udf
+
+if TYPE_CHECKING:
+    import torch
+    from geneva.transformer import UDF
+
+__all__ = [
+    "EMBEDDING_DIM",
+    "EMBEDDING_TYPE",
+    "Settings",
+    "UnreadableVideo",
+    "VideoEmbedding",
+    "aggregate_max",
+    "aggregate_mean",
+    "aggregate_segment",
+    "aggregate_weighted",
+    "embedding_column",
+    "resolve_uri",
+    "sample_indices",
+    "zero_embedding",
+]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_DIM = 1024
+"""Width of every output row: the hidden size of V-JEPA2 ViT-L."""
+
+EMBEDDING_TYPE = pa.list_(pa.list_(pa.float32(), EMBEDDING_DIM))
+"""A list of fixed-size float vectors, which LanceDB searches as a multivector."""
+
+DEFAULT_MODEL = "facebook/vjepa2-vitl-fpc64-256"
+MIB = 1024 * 1024
+UDF_MEMORY = 8 * 1024**3
+"""Bytes of host memory a worker asks Ray for: model, 64 decoded frames and headroom."""
+
+CACHE_TYPE = "blockcache"
+"""fsspec cache: each BLOCK_SIZE block of the object is fetched at most once per video,
+whatever order the demuxer reads in (see README, "Reading from object storage")."""
+
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 1.0
+
+Dtype = Literal["float32", "bfloat16"]
+Output = Literal["frames", "tokens"]
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the package; built from the environment by ``from_env`` only."""
+
+    num_frames: int = 64
+    model: str = DEFAULT_MODEL
+    block_size: int = 16 * MIB
+    embedding_col: str = "video_embedding"
+    video_uri_col: str = "video_uri"
+    video_base_path: str | None = None
+    dtype: Dtype | None = None
+    """None picks bfloat16 on CUDA and float32 on the CPU."""
+    output: Output = "frames"
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"Invalid NUM_FRAMES ({self.num_frames}). It must be at least 1.")
+        if self.block_size < 1:
+            raise ValueError(f"Invalid BLOCK_SIZE ({self.block_size}). It must be at least 1.")
+        _check_choice("VJEPA_DTYPE", self.dtype, Dtype, optional=True)
+        _check_choice("EMBEDDING_OUTPUT", self.output, Output)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from the environment (the one place that reads it)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            num_frames=_int_setting(env, "NUM_FRAMES", cls.num_frames),
+            model=env.get("VJEPA_MODEL", cls.model),
+            block_size=_int_setting(env, "BLOCK_SIZE", cls.block_size),
+            embedding_col=env.get("VIDEO_EMBEDDING_COL", cls.embedding_col),
+            video_uri_col=env.get("VIDEO_URI_COL", cls.video_uri_col),
+            video_base_path=env.get("VIDEO_BASE_PATH") or None,
+            dtype=env.get("VJEPA_DTYPE") or None,  # type: ignore[arg-type]
+            output=env.get("EMBEDDING_OUTPUT", cls.output),  # type: ignore[arg-type]
+        )
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"Invalid {name} ({raw!r}). It must be an integer.") from e
+
+
+def _check_choice(name: str, value: object, mode: Any, *, optional: bool = False) -> None:
+    allowed = get_args(mode)
+    if value in allowed or (optional and value is None):
+        return
+    raise ValueError(f"Invalid {name} ({value!r}). Supported values are {', '.join(allowed)}.")
+
+
+# --- open -------------------------------------------------------------------------------
+
+
+class UnreadableVideo(Exception):
+    """The video itself cannot be processed; its row gets the zero tensor."""
+
+
+def resolve_uri(value: str, *, base_path: str | None) -> str:
+    """Turn a table value into a URL: bare names are taken relative to ``base_path``,
+    as the OpenVid tables store bare file names."""
+    if base_path and "://" not in value and not value.startswith("/"):
+        return f"{base_path.rstrip('/')}/{value}"
+    return value
+
+
+def open_video(uri: str, *, block_size: int) -> IO[bytes]:
+    """Open ``uri`` on its fsspec filesystem for streaming reads, never via local disk."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE)
+    except FileNotFoundError as e:
+        raise UnreadableVideo("object does not exist") from e
+
+
+class _StorageReader:
+    """The file object torchcodec reads through. It remembers a storage error raised by
+    ``read`` or ``seek``, so that a network fault is never mistaken for a bad video."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._file.read(size)
+        except Exception as e:
+            self.error = e
+            raise
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self._file.seek(offset, whence)
+        except Exception as e:
+            self.error = e
+            raise
+
+
+# --- sample -----------------------------------------------------------------------------
+
+
+def sample_indices(num_video_frames: int, num_frames: int) -> list[int]:
+    """``round(linspace(0, n - 1, num_frames))``: spread over the whole video, repeating
+    frames when the video is shorter than ``num_frames``."""
+    if num_video_frames < 1:
+        raise UnreadableVideo("video stream has no frames")
+    return np.round(np.linspace(0, num_video_frames - 1, num_frames)).astype(int).tolist()
+
+
+# --- decode -----------------------------------------------------------------------------
+
+
+def _video_decoder_class() -> type:
+    """Import torchcodec's decoder, turning a missing FFmpeg into one line that says what
+    to install instead of torchcodec's long traceback."""
+    try:
+        return importlib.import_module("torchcodec.decoders").VideoDecoder
+    except (OSError, RuntimeError):
+        raise RuntimeError(
+            "torchcodec could not load FFmpeg's shared libraries (versions 4 to 7); "
+            "install them, e.g. `apt-get install ffmpeg` on Debian/Ubuntu."
+        ) from None
+
+
+def decode_frames(uri: str, *, num_frames: int, block_size: int) -> torch.Tensor:
+    """Stream ``uri`` into torchcodec and return its sampled frames, ``(T, C, H, W)`` uint8.
+
+    ``seek_mode="exact"`` scans the container once, so the frame count and the frames are
+    right on MKV/WebM without a duration and on variable-frame-rate files."""
+    video_decoder = _video_decoder_class()
+    with open_video(uri, block_size=block_size) as file:
+        reader = _StorageReader(file)
+        try:
+            decoder = video_decoder(reader, seek_mode="exact")
+            indices = sample_indices(decoder.metadata.num_frames or 0, num_frames)
+            return decoder.get_frames_at(indices).data
+        except (ValueError, RuntimeError) as e:
+            if reader.error is not None:
+                raise reader.error from None
+            raise UnreadableVideo(str(e)) from e
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Timeouts, resets, 5xx/429 and expired credentials: worth another try."""
+    from gcsfs.retry import is_retriable
+
+    return isinstance(error, (TimeoutError, ConnectionError)) or is_retriable(error)
+
+
+T = TypeVar("T")
+
+
+def _with_retries(action: Callable[[], T], *, what: str) -> T:
+    """Run ``action``, retrying transient storage faults with jittered exponential
+    backoff. The last fault is raised for Geneva to handle, never turned into data."""
+    attempt = 1
+    while True:
+        try:
+            return action()
+        except Exception as e:
+            if attempt == RETRY_ATTEMPTS or not _is_transient(e):
+                raise
+            delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1) * (0.5 + random.random())
+            logger.warning(
+                "transient fault reading %s (attempt %d of %d), retrying in %.1fs: %r",
+                what,
+                attempt,
+                RETRY_ATTEMPTS,
+                delay,
+                e,
+            )
+            time.sleep(delay)
+            attempt += 1
+
+
+# --- preprocess, embed, pool ------------------------------------------------------------
+
+
+def preprocess(frames: torch.Tensor, processor: Any) -> torch.Tensor:
+    """``(T, C, H, W)`` uint8 → ``(1, T, C, crop, crop)`` float32, normalised by the
+    checkpoint's own video processor (resize, centre crop, rescale, normalise)."""
+    return processor(frames, return_tensors="pt")["pixel_values_videos"]
+
+
+def embed(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Encoder only (never the predictor): ``(1, T, C, crop, crop)`` → ``(tokens, hidden)``
+    float32, tokens time-major, ``T / tubelet`` tubelets of ``(crop / patch)²`` patches."""
+    import torch
+
+    param = next(model.parameters())
+    with torch.inference_mode():
+        tokens = model.get_vision_features(pixel_values.to(param.device, param.dtype))
+    return tokens[0].float()
+
+
+def pool_to_frames(tokens: torch.Tensor, *, num_frames: int, tubelet_size: int) -> torch.Tensor:
+    """``(tokens, hidden)`` → ``(num_frames, hidden)``: each frame's row is the mean of its
+    tubelet's spatial patch tokens, so frames ``2k`` and ``2k + 1`` share a row."""
+    tubelets = num_frames // tubelet_size
+    per_tubelet = tokens.reshape(tubelets, -1, tokens.shape[-1]).mean(dim=1)
+    return per_tubelet.repeat_interleave(tubelet_size, dim=0)
+
+
+def zero_embedding() -> list[list[float]]:
+    """The spec's result for a video that cannot be processed: one all-zero row."""
+    return [[0.0] * EMBEDDING_DIM]
+
+
+# --- the UDF ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    processor: Any
+    tubelet_size: int
+
+
+def _load_model(settings: Settings) -> _Loaded:
+    """Load V-JEPA2 and its processor once per worker, on CUDA when present."""
+    import torch
+    from transformers import AutoModel, AutoVideoProcessor
+
+    if torch.cuda.is_available():
+        device = "cuda"
+    else:
+        device = "cpu"
+        logger.warning("no CUDA device: V-JEPA2 runs on the CPU, which is slow")
+    dtype = settings.dtype or ("bfloat16" if device == "cuda" else "float32")
+    model = AutoModel.from_pretrained(
+        settings.model, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+    processor = AutoVideoProcessor.from_pretrained(settings.model)
+    config = model.config
+    if config.hidden_size != EMBEDDING_DIM:
+        raise ValueError(
+            f"Invalid VJEPA_MODEL ({settings.model!r}): hidden size {config.hidden_size}; "
+            f"the column stores {EMBEDDING_DIM}-wide rows."
+        )
+    if processor.crop_size["height"] != config.crop_size:
+        raise ValueError(
+            f"Invalid VJEPA_MODEL ({settings.model!r}): its processor crops to "
+            f"{processor.crop_size['height']} px but the model expects {config.crop_size}."
+        )
+    if settings.num_frames % config.tubelet_size:
+        raise ValueError(
+            f"Invalid NUM_FRAMES ({settings.num_frames}). It must be a multiple of the "
+            f"model's tubelet size ({config.tubelet_size})."
+        )
+    logger.info("loaded %s on %s in %s", settings.model, device, dtype)
+    return _Loaded(model.to(device).eval(), processor, config.tubelet_size)
+
+
+@udf(data_type=EMBEDDING_TYPE, num_gpus=1, memory=UDF_MEMORY)
+class VideoEmbedding:
+    """Embed the video at a URL as ``[NUM_FRAMES, 1024]`` per-frame rows (or the raw
+    ``[tokens, 1024]`` with ``EMBEDDING_OUTPUT=tokens``).
+
+    Settings are read here, on the driver at ``add_columns``; Geneva pickles the instance
+    into the table, so they are frozen then. The model loads on the first call."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self._loaded: _Loaded | None = None
+
+    def __call__(self, video_uri: str) -> list[np.ndarray] | list[list[float]]:
+        s = self.settings
+        uri = resolve_uri(video_uri, base_path=s.video_base_path)
+        try:
+            frames = _with_retries(
+                lambda: decode_frames(uri, num_frames=s.num_frames, block_size=s.block_size),
+                what=uri,
+            )
+        except UnreadableVideo as e:
+            logger.warning("zero embedding for %s: %s", uri, e)
+            return zero_embedding()
+        if self._loaded is None:
+            self._loaded = _load_model(s)
+        tokens = embed(self._loaded.model, preprocess(frames, self._loaded.processor))
+        if s.output == "frames":
+            tokens = pool_to_frames(
+                tokens, num_frames=s.num_frames, tubelet_size=self._loaded.tubelet_size
+            )
+        return list(tokens.cpu().numpy())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the settings only: a loaded model never travels with the UDF."""
+        return {"settings": self.settings, "_loaded": None}
+
+
+def embedding_column(settings: Settings | None = None) -> dict[str, tuple[UDF, list[str]]]:
+    """The ``add_columns`` spec for the embedding column, reading ``VIDEO_URI_COL``."""
+    settings = settings or Settings.from_env()
+    return {settings.embedding_col: (VideoEmbedding(settings), [settings.video_uri_col])}
+
+
+# --- aggregation at search time ---------------------------------------------------------
+
+
+def _normalise(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else np.zeros_like(vector)
+
+
+def aggregate_mean(rows: np.ndarray) -> np.ndarray:
+    """L2-normalised mean of the rows: the standard whole-video vector."""
+    return _normalise(np.asarray(rows, dtype=np.float32).mean(axis=0))
+
+
+def aggregate_max(rows: np.ndarray) -> np.ndarray:
+    """L2-normalised element-wise max: keeps the strongest feature of any moment."""
+    return _normalise(np.asarray(rows, dtype=np.float32).max(axis=0))
+
+
+def aggregate_weighted(rows: np.ndarray) -> np.ndarray:
+    """L2-normalised Gaussian-weighted mean, centred on the middle (sigma = n / 4),
+    for clips whose subject sits mid-video."""
+    rows = np.asarray(rows, dtype=np.float32)
+    n = len(rows)
+    weights = np.exp(-0.5 * ((np.arange(n) - n / 2) / (n / 4)) ** 2)
+    return _normalise(np.average(rows, axis=0, weights=weights).astype(np.float32))
+
+
+def aggregate_segment(rows: np.ndarray, *, start: float = 0.0, end: float = 1 / 3) -> np.ndarray:
+    """L2-normalised mean of a temporal segment, given as fractions of the clip
+    (default: the first third)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    n = len(rows)
+    lo = min(int(start * n), n - 1)
+    hi = max(int(end * n), lo + 1)
+    return _normalise(rows[lo:hi].mean(axis=0))
