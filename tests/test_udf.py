@@ -1,0 +1,305 @@
+"""The UDF's pipeline stage by stage, on real FFmpeg decoding and the tiny real model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import frame_indices
+from torchcodec.decoders import VideoDecoder
+from transformers import AutoModel, AutoVideoProcessor
+
+import video_embeddings_udf as vu
+from video_embeddings_udf import Settings, UnreadableVideo, sample_indices
+
+
+def embed_fn(settings: Settings) -> vu.VideoEmbedding:
+    """The plain callable Geneva wraps, so tests can call it row by row."""
+    return vu.VideoEmbedding(settings).func
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_environment() -> None:
+    """Each setting has the documented default and is parsed from its variable."""
+    assert Settings.from_env({}) == Settings(
+        num_frames=64,
+        model="facebook/vjepa2-vitl-fpc64-256",
+        block_size=16 * 1024 * 1024,
+        embedding_col="video_embedding",
+        video_uri_col="video_uri",
+        video_base_path=None,
+        dtype=None,
+        output="frames",
+    )
+    env = {
+        "NUM_FRAMES": "16",
+        "VJEPA_MODEL": "/ckpt",
+        "BLOCK_SIZE": "1048576",
+        "VIDEO_EMBEDDING_COL": "emb",
+        "VIDEO_URI_COL": "path",
+        "VIDEO_BASE_PATH": "gs://b/videos",
+        "VJEPA_DTYPE": "bfloat16",
+        "EMBEDDING_OUTPUT": "tokens",
+    }
+    assert Settings.from_env(env) == Settings(
+        16, "/ckpt", 1048576, "emb", "path", "gs://b/videos", "bfloat16", "tokens"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NUM_FRAMES": "many"}, r"Invalid NUM_FRAMES \('many'\)\. It must be an integer"),
+        ({"NUM_FRAMES": "0"}, r"Invalid NUM_FRAMES \(0\)"),
+        (
+            {"VJEPA_DTYPE": "fp16"},
+            r"Invalid VJEPA_DTYPE \('fp16'\)\. Supported values are "
+            r"float32, bfloat16",
+        ),
+        ({"EMBEDDING_OUTPUT": "mean"}, r"Invalid EMBEDDING_OUTPUT \('mean'\)"),
+    ],
+)
+def test_settings_reject_bad_values(env: dict[str, str], message: str) -> None:
+    """A bad setting fails at once with its name, its value and what is allowed."""
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
+
+
+def test_resolve_uri_uses_base_path_for_bare_names_only() -> None:
+    """Bare names join VIDEO_BASE_PATH; full URLs and absolute paths are left alone."""
+    base = "gs://bucket/videos/"
+    assert vu.resolve_uri("a.mp4", base_path=base) == "gs://bucket/videos/a.mp4"
+    assert vu.resolve_uri("sub/a.mp4", base_path=base) == "gs://bucket/videos/sub/a.mp4"
+    assert vu.resolve_uri("s3://other/a.mp4", base_path=base) == "s3://other/a.mp4"
+    assert vu.resolve_uri("/data/a.mp4", base_path=base) == "/data/a.mp4"
+    assert vu.resolve_uri("a.mp4", base_path=None) == "a.mp4"
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+
+def test_sample_indices_are_rounded_linspace() -> None:
+    """Indices are round(linspace(0, n - 1, N)) over the whole video, repeating when short."""
+    assert sample_indices(5, 3) == [0, 2, 4]
+    assert sample_indices(4, 3) == [0, 2, 3]
+    assert sample_indices(2, 4) == [0, 0, 1, 1]
+    assert sample_indices(1, 3) == [0, 0, 0]
+    long = sample_indices(250, 64)
+    assert long[0] == 0 and long[-1] == 249 and len(long) == 64
+    assert long == [round(i * 249 / 63) for i in range(64)]
+    with pytest.raises(UnreadableVideo, match="no frames"):
+        sample_indices(0, 64)
+
+
+@pytest.mark.parametrize("kind", ["mp4", "mkv", "vfr"])
+def test_decode_returns_the_sampled_frames(clips: dict[str, Path], kind: str) -> None:
+    """The decoded frames are the sampled ones, also on MKV without a duration in the
+    header and on a variable-frame-rate file (where approximate seeking goes wrong)."""
+    frames = vu.decode_frames(str(clips[kind]), num_frames=16, block_size=1 << 20)
+    assert frames.shape == (16, 3, 48, 64) and frames.dtype == torch.uint8
+    assert frame_indices(frames.numpy()) == sample_indices(60, 16)
+
+
+@pytest.mark.parametrize(("kind", "n"), [("short", 10), ("one", 1)])
+def test_short_videos_repeat_frames(clips: dict[str, Path], kind: str, n: int) -> None:
+    """A video with fewer frames than NUM_FRAMES repeats frames by the same formula."""
+    frames = vu.decode_frames(str(clips[kind]), num_frames=64, block_size=1 << 20)
+    assert frame_indices(frames.numpy()) == sample_indices(n, 64)
+
+
+# --- embedding --------------------------------------------------------------------------
+
+
+def by_hand_tokens(model_dir: Path, video: Path, num_frames: int) -> torch.Tensor:
+    """``get_vision_features`` on the HF processor's output, outside the UDF."""
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    processor = AutoVideoProcessor.from_pretrained(model_dir)
+    decoder = VideoDecoder(str(video), seek_mode="exact")
+    n = decoder.metadata.num_frames
+    indices = [round(i * (n - 1) / (num_frames - 1)) for i in range(num_frames)]
+    pixels = processor(decoder.get_frames_at(indices).data, return_tensors="pt")
+    with torch.inference_mode():
+        return model.get_vision_features(pixels["pixel_values_videos"])[0]
+
+
+def test_frame_rows_are_tubelet_means(settings: Settings, shared_videos: Path) -> None:
+    """Each of the 64 rows is the mean of its tubelet's 16 patch tokens, computed by hand;
+    frames 2k and 2k+1 share a row."""
+    video = shared_videos / "bikes.mp4"
+    rows = np.stack(embed_fn(settings)(str(video)))
+    assert rows.shape == (64, 1024) and rows.dtype == np.float32
+    assert not np.isnan(rows).any()
+    tokens = by_hand_tokens(Path(settings.model), video, 64).numpy()
+    assert tokens.shape == (32 * 16, 1024)
+    for frame in range(64):
+        tubelet = frame // 2
+        expected = tokens[tubelet * 16 : (tubelet + 1) * 16].mean(axis=0)
+        np.testing.assert_allclose(rows[frame], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(rows[0], rows[2])
+
+
+def test_tokens_output_returns_raw_tokens(settings: Settings, shared_videos: Path) -> None:
+    """EMBEDDING_OUTPUT=tokens returns every encoder token, time-major, unpooled."""
+    video = shared_videos / "bikes.mp4"
+    tokens_settings = Settings(model=settings.model, num_frames=16, output="tokens")
+    rows = np.stack(embed_fn(tokens_settings)(str(video)))
+    expected = by_hand_tokens(Path(settings.model), video, 16).numpy()
+    assert rows.shape == (8 * 16, 1024)
+    np.testing.assert_allclose(rows, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "video",
+    [
+        "av1_video.mkv",
+        "h265_video.mp4",
+        "bt709_full_range.mp4",
+        "scene_cuts.mp4",
+        "nasa_13013.mp4",
+        "carphone_distorted.mp4",
+        "bigbuckbunny.mp4",
+    ],
+)
+def test_every_shared_clip_embeds(settings: Settings, shared_videos: Path, video: str) -> None:
+    """Every real codec and container in the shared clips gives 64 finite, non-zero rows."""
+    rows = np.stack(embed_fn(settings)(str(shared_videos / video)))
+    assert rows.shape == (64, 1024)
+    assert np.isfinite(rows).all() and np.abs(rows).sum() > 0
+
+
+def test_model_input_matches_checkpoint_crop(settings: Settings, shared_videos: Path) -> None:
+    """The processor's output is exactly the checkpoint's crop size (64 px here), so the
+    position embeddings are the ones the model was built for."""
+    processor = AutoVideoProcessor.from_pretrained(settings.model)
+    frames = vu.decode_frames(
+        str(shared_videos / "scene_cuts.mp4"), num_frames=4, block_size=1 << 20
+    )
+    assert vu.preprocess(frames, processor).shape == (1, 4, 3, 64, 64)
+
+
+def test_odd_num_frames_is_refused_with_reason(tiny_model_dir: Path, shared_videos: Path) -> None:
+    """NUM_FRAMES must fill whole tubelets; an odd value fails loudly at model load."""
+    fn = embed_fn(Settings(model=str(tiny_model_dir), num_frames=15))
+    with pytest.raises(ValueError, match=r"Invalid NUM_FRAMES \(15\).*tubelet size \(2\)"):
+        fn(str(shared_videos / "bikes.mp4"))
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(
+    tmp_path_factory: pytest.TempPathFactory, clips: dict[str, Path], shared_videos: Path
+) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("bad")
+    good = clips["mp4"].read_bytes()
+    files = {
+        "empty.mp4": b"",
+        "random.mp4": np.random.default_rng(0).bytes(50_000),
+        "text.mp4": b"this is not a video\n" * 100,
+        "truncated.mp4": (shared_videos / "bikes.mp4").read_bytes()[:250_000],
+        "audio.wav": (shared_videos / "sine_mono_s16.wav").read_bytes(),
+        "header_only.mp4": good[:64],
+    }
+    paths = {name: d / name for name in files}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    out = {name: str(p) for name, p in paths.items()}
+    out["missing.mp4"] = str(d / "missing.mp4")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("empty.mp4", "Invalid data"),
+        ("random.mp4", "Invalid data"),
+        ("text.mp4", "Invalid data"),
+        ("truncated.mp4", "Invalid data"),
+        ("audio.wav", "No valid stream"),
+        ("header_only.mp4", "Invalid data"),
+        ("missing.mp4", "object does not exist"),
+    ],
+)
+def test_bad_input_gives_zero_tensor_and_one_log_line(
+    settings: Settings,
+    bad_inputs: dict[str, str],
+    name: str,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A video that cannot be processed returns [[0.0] * 1024] and logs its URL and why."""
+    with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
+        out = embed_fn(settings)(bad_inputs[name])
+    assert out == [[0.0] * 1024]
+    lines = [r.getMessage() for r in caplog.records if r.name == "video_embeddings_udf"]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"zero embedding for {bad_inputs[name]}: ") and reason in lines[0]
+
+
+def test_ffmpeg_missing_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without FFmpeg's libraries the error is one line naming the fix. FFmpeg is
+    installed here, so torchcodec's load failure is simulated (a mock, said so)."""
+
+    def fail(name: str) -> None:
+        raise RuntimeError("Could not load libtorchcodec. Likely causes:\n 1. FFmpeg ...")
+
+    monkeypatch.setattr(vu.importlib, "import_module", fail)
+    with pytest.raises(RuntimeError) as info:
+        vu.decode_frames("x.mp4", num_frames=4, block_size=1)
+    message = str(info.value)
+    assert "\n" not in message and "apt-get install ffmpeg" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+# --- aggregation ------------------------------------------------------------------------
+
+
+ROWS = np.array([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0], [1.0, 1.0]], dtype=np.float32)
+
+
+def test_aggregations_match_by_hand() -> None:
+    """Mean, max, Gaussian-weighted and segment pooling, each L2-normalised."""
+    np.testing.assert_allclose(vu.aggregate_mean(ROWS), np.array([4, 5]) / np.sqrt(41), rtol=1e-6)
+    np.testing.assert_allclose(vu.aggregate_max(ROWS), np.array([3, 4]) / 5, rtol=1e-6)
+    w = np.exp(-0.5 * ((np.arange(4) - 2) / 1.0) ** 2)
+    weighted = (ROWS * w[:, None]).sum(axis=0) / w.sum()
+    np.testing.assert_allclose(
+        vu.aggregate_weighted(ROWS), weighted / np.linalg.norm(weighted), rtol=1e-6
+    )
+    np.testing.assert_allclose(vu.aggregate_segment(ROWS), [1.0, 0.0])
+    np.testing.assert_allclose(
+        vu.aggregate_segment(ROWS, start=0.5, end=1.0), np.array([1, 1]) / np.sqrt(2), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "aggregate",
+    [vu.aggregate_mean, vu.aggregate_max, vu.aggregate_weighted, vu.aggregate_segment],
+)
+def test_aggregations_of_zero_tensor_are_zero(aggregate) -> None:
+    """The zero tensor of a bad video aggregates to zeros, never NaN."""
+    out = aggregate(np.array(vu.zero_embedding(), dtype=np.float32))
+    assert out.shape == (1024,) and not np.isnan(out).any() and not out.any()
+
+
+def test_import_is_cheap() -> None:
+    """Importing the module (as the driver does at add_columns) loads no torch model
+    stack: torchcodec and transformers stay unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, video_embeddings_udf; "
+        "print(sorted(m for m in ('torchcodec', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ}
+    )
+    assert out.stdout.strip() == "[]"
