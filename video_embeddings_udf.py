@@ -142,8 +142,11 @@ def resolve_uri(value: str, *, base_path: str | None) -> str:
 def open_video(uri: str, *, block_size: int) -> IO[bytes]:
     """Open ``uri`` on its fsspec filesystem for streaming reads, never via local disk."""
     fs, path = fsspec.core.url_to_fs(uri)
+    # gcsfs splits a read of 10 MiB or more into parallel ranges, and blockcache asks for
+    # whole blocks past the end of the object: those ranges get 416 from GCS.
+    options = {"concurrency": 1} if "gs" in fs.protocol else {}
     try:
-        return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE)
+        return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
     except FileNotFoundError as e:
         raise UnreadableVideo("object does not exist") from e
 

@@ -54,7 +54,9 @@ def faulty(monkeypatch: pytest.MonkeyPatch) -> type[FaultyFileSystem]:
 
 
 def test_transient_faults_are_retried_to_the_clean_result(
-    settings: Settings, shared_videos: Path, faulty: type[FaultyFileSystem],
+    settings: Settings,
+    shared_videos: Path,
+    faulty: type[FaultyFileSystem],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two connection resets mid-read, then success: the row equals the clean result,
@@ -73,7 +75,9 @@ def test_transient_faults_are_retried_to_the_clean_result(
 
 @pytest.mark.parametrize("fault", [ConnectionResetError, TimeoutError])
 def test_persistent_fault_is_raised_after_bounded_retries(
-    settings: Settings, shared_videos: Path, faulty: type[FaultyFileSystem],
+    settings: Settings,
+    shared_videos: Path,
+    faulty: type[FaultyFileSystem],
     fault: type[Exception],
 ) -> None:
     """A fault that never clears is raised to Geneva after RETRY_ATTEMPTS tries."""
@@ -86,7 +90,9 @@ def test_persistent_fault_is_raised_after_bounded_retries(
 
 
 def test_permission_error_is_raised_at_once(
-    settings: Settings, shared_videos: Path, faulty: type[FaultyFileSystem],
+    settings: Settings,
+    shared_videos: Path,
+    faulty: type[FaultyFileSystem],
 ) -> None:
     """A refused credential (403 becomes PermissionError) is not retried and not zeroed."""
     faulty.failing_opens = 100
