@@ -303,3 +303,65 @@ def test_import_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ}
     )
     assert out.stdout.strip() == "[]"
+
+
+# --- model loading ----------------------------------------------------------------------
+
+
+def test_model_loads_once_on_cpu_with_sdpa_and_no_predictor(
+    settings: Settings, shared_videos: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing loads at construction; the first call loads the model once, in float32
+    on the CPU with one warning, with SDPA attention, and the predictor never runs."""
+    udf = vu.VideoEmbedding(settings)
+    fn = udf.func
+    assert fn._loaded is None
+    with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
+        fn(str(shared_videos / "carphone_distorted.mp4"))
+        model = fn._loaded.model
+        predictor_calls = []
+        model.predictor.register_forward_hook(lambda *args: predictor_calls.append(1))
+        fn(str(shared_videos / "h265_video.mp4"))
+    assert fn._loaded.model is model
+    assert [r.getMessage() for r in caplog.records] == [
+        "no CUDA device: V-JEPA2 runs on the CPU, which is slow"
+    ]
+    assert model.config._attn_implementation == "sdpa"
+    assert next(model.parameters()).dtype == torch.float32
+    assert predictor_calls == []
+
+
+def test_bfloat16_stays_close_to_float32(settings: Settings, shared_videos: Path) -> None:
+    """VJEPA_DTYPE=bfloat16 runs the model in bf16 and still returns float32 rows within
+    bf16's precision of the float32 result."""
+    video = str(shared_videos / "bikes.mp4")
+    full = np.stack(embed_fn(settings)(video))
+    bf16_fn = embed_fn(Settings(model=settings.model, dtype="bfloat16"))
+    half = np.stack(bf16_fn(video))
+    assert next(bf16_fn._loaded.model.parameters()).dtype == torch.bfloat16
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, full, rtol=0.05, atol=0.05)
+    assert np.abs(half - full).max() > 0
+
+
+def test_pickled_udf_carries_settings_not_the_model(
+    settings: Settings, shared_videos: Path
+) -> None:
+    """What Geneva stores at add_columns is the settings only: a UDF that has already
+    loaded its model pickles without it and loads again after unpickling."""
+    import cloudpickle
+
+    fn = embed_fn(settings)
+    fn(str(shared_videos / "carphone_distorted.mp4"))
+    copy = cloudpickle.loads(cloudpickle.dumps(fn))
+    assert copy.settings == settings and copy._loaded is None
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_to_bfloat16(settings: Settings, shared_videos: Path) -> None:
+    """On a CUDA machine the model runs on the GPU in bfloat16 by default."""
+    fn = embed_fn(settings)
+    rows = np.stack(fn(str(shared_videos / "bikes.mp4")))
+    param = next(fn._loaded.model.parameters())
+    assert param.device.type == "cuda" and param.dtype == torch.bfloat16
+    assert rows.shape == (64, 1024) and np.isfinite(rows).all()
