@@ -65,7 +65,25 @@ def _find_binary(tmp: Path) -> Path:
         return copy
 
 
-class GcsEmulator:
+class _Service:
+    """A loopback server used as a context manager: started on entry, stopped on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class GcsEmulator(_Service):
     """fake-gcs-server on 127.0.0.1 with the in-memory backend, started as a plain subprocess.
 
     The wrapper package's Python API is deliberately not used: it leaves the server's stdout on an
@@ -142,14 +160,6 @@ class GcsEmulator:
         )
         urllib.request.urlopen(req, timeout=60).close()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 @dataclass(frozen=True)
 class Request:
@@ -170,7 +180,7 @@ class Request:
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
-class CountingProxy:
+class CountingProxy(_Service):
     """Threaded HTTP reverse proxy that forwards to ``upstream`` and records every request.
 
     Responses are buffered and re-sent with Content-Length (test objects are small), so the
@@ -291,11 +301,3 @@ class CountingProxy:
                 pass  # keep test output quiet
 
         return Handler
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
