@@ -1,0 +1,63 @@
+"""Streaming from s3:// through s3fs, against moto's S3 server on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+import video_embeddings_udf as vu
+from video_embeddings_udf import Settings
+
+BUCKET = "videos"
+
+
+@pytest.fixture(scope="module")
+def s3(shared_videos: Path) -> Iterator[object]:
+    """moto's S3 server on 127.0.0.1 holding two shared clips, with fsspec's s3 options
+    pointed at it; the server is stopped and the options removed afterwards."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    for name in ["bikes.mp4", "av1_video.mkv"]:
+        client.put_object(Bucket=BUCKET, Key=name, Body=(shared_videos / name).read_bytes())
+    fsspec.config.conf["s3"] = options
+    try:
+        yield server
+    finally:
+        fsspec.config.conf.pop("s3")
+        server.stop()
+
+
+@pytest.mark.parametrize("name", ["bikes.mp4", "av1_video.mkv"])
+def test_stream_from_s3_matches_local(
+    s3: object, settings: Settings, shared_videos: Path, name: str
+) -> None:
+    """An s3:// URL embeds to exactly the rows of the same local file."""
+    fn = vu.VideoEmbedding(settings).func
+    remote = np.stack(fn(f"s3://{BUCKET}/{name}"))
+    np.testing.assert_array_equal(remote, np.stack(fn(str(shared_videos / name))))
+
+
+def test_missing_s3_object_gives_zero_tensor(s3: object, settings: Settings) -> None:
+    """A key that does not exist is a bad video: the zero tensor, not a failed job."""
+    assert vu.VideoEmbedding(settings).func(f"s3://{BUCKET}/nope.mp4") == vu.zero_embedding()
