@@ -36,7 +36,12 @@ __all__ = [
     "aggregate_mean",
     "aggregate_segment",
     "aggregate_weighted",
+    "decode_frames",
+    "embed",
     "embedding_column",
+    "open_video",
+    "pool_to_frames",
+    "preprocess",
     "resolve_uri",
     "sample_indices",
     "zero_embedding",
@@ -144,7 +149,8 @@ def open_video(uri: str, *, block_size: int) -> IO[bytes]:
     fs, path = fsspec.core.url_to_fs(uri)
     # gcsfs splits a read of 10 MiB or more into parallel ranges, and blockcache asks for
     # whole blocks past the end of the object: those ranges get 416 from GCS.
-    options = {"concurrency": 1} if "gs" in fs.protocol else {}
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    options = {"concurrency": 1} if "gs" in protocols else {}
     try:
         return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
     except FileNotFoundError as e:
