@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     table = [header, *cells]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     for r in rows:
         if r["approx_error"]:
             print(f"approximate failed on {r['video']}: {r['approx_error']}")
