@@ -221,7 +221,7 @@ def decode_frames(uri: str, *, num_frames: int, block_size: int) -> torch.Tensor
         except (ValueError, RuntimeError) as e:
             if reader.error is not None:
                 raise reader.error from None
-            raise UnreadableVideo(str(e)) from e
+            raise UnreadableVideo(" ".join(str(e).split())) from e  # one log line
 
 
 def _is_transient(error: BaseException) -> bool:
