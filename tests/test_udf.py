@@ -241,6 +241,7 @@ def test_bad_input_gives_zero_tensor_and_one_log_line(
     lines = [r.getMessage() for r in caplog.records if r.name == "video_embeddings_udf"]
     assert len(lines) == 1
     assert lines[0].startswith(f"zero embedding for {bad_inputs[name]}: ") and reason in lines[0]
+    assert "\n" not in lines[0]
 
 
 def test_ffmpeg_missing_is_one_clear_line(tmp_path: Path) -> None:
