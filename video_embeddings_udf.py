@@ -372,6 +372,13 @@ class VideoEmbedding:
         return {"settings": self.settings, "_loaded": None}
 
 
+# ``@udf`` leaves a wrapper function at the class's name. Pointing the class's qualified name
+# at ``VideoEmbedding.__wrapped__`` lets pickle find the class by reference instead of
+# copying it by value with a per-process id, so Geneva's UDF version (a hash of the pickled
+# instance, i.e. of the settings, and of ``__call__``'s code) is the same in every process.
+VideoEmbedding.__wrapped__.__qualname__ = "VideoEmbedding.__wrapped__"  # type: ignore[attr-defined]
+
+
 def embedding_column(settings: Settings | None = None) -> dict[str, tuple[UDF, list[str]]]:
     """The ``add_columns`` spec for the embedding column, reading ``VIDEO_URI_COL``."""
     settings = settings or Settings.from_env()

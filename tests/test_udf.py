@@ -383,3 +383,25 @@ def test_cuda_defaults_to_bfloat16(settings: Settings, shared_videos: Path) -> N
     param = next(fn._loaded.model.parameters())
     assert param.device.type == "cuda" and param.dtype == torch.bfloat16
     assert rows.shape == (64, 1024) and np.isfinite(rows).all()
+
+
+def test_udf_version_is_stable_and_follows_settings() -> None:
+    """Geneva's UDF version is the same in every process for the same settings (so a new
+    driver does not look like a new UDF) and changes when a setting changes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import video_embeddings_udf as v; "
+        "print(v.VideoEmbedding(v.Settings()).version, "
+        "v.VideoEmbedding(v.Settings(num_frames=32)).version)"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[0][1]
+    assert vu.VideoEmbedding(Settings()).version == runs[0][0]
