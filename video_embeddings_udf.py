@@ -151,10 +151,7 @@ def open_video(uri: str, *, block_size: int) -> IO[bytes]:
     # whole blocks past the end of the object: those ranges get 416 from GCS.
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     options = {"concurrency": 1} if "gs" in protocols else {}
-    try:
-        return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
-    except FileNotFoundError as e:
-        raise UnreadableVideo("object does not exist") from e
+    return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
 
 
 class _StorageReader:
@@ -212,16 +209,19 @@ def decode_frames(uri: str, *, num_frames: int, block_size: int) -> torch.Tensor
     ``seek_mode="exact"`` scans the container once, so the frame count and the frames are
     right on MKV/WebM without a duration and on variable-frame-rate files."""
     video_decoder = _video_decoder_class()
-    with open_video(uri, block_size=block_size) as file:
-        reader = _StorageReader(file)
-        try:
-            decoder = video_decoder(reader, seek_mode="exact")
-            indices = sample_indices(decoder.metadata.num_frames or 0, num_frames)
-            return decoder.get_frames_at(indices).data
-        except (ValueError, RuntimeError) as e:
-            if reader.error is not None:
-                raise reader.error from None
-            raise UnreadableVideo(" ".join(str(e).split())) from e  # one log line
+    try:
+        with open_video(uri, block_size=block_size) as file:
+            reader = _StorageReader(file)
+            try:
+                decoder = video_decoder(reader, seek_mode="exact")
+                indices = sample_indices(decoder.metadata.num_frames or 0, num_frames)
+                return decoder.get_frames_at(indices).data
+            except (ValueError, RuntimeError) as e:
+                if reader.error is not None:
+                    raise reader.error from None
+                raise UnreadableVideo(" ".join(str(e).split())) from e  # one log line
+    except FileNotFoundError as e:  # at open on most filesystems, at first read on HTTP
+        raise UnreadableVideo("object does not exist") from e
 
 
 def _is_transient(error: BaseException) -> bool:

@@ -1,0 +1,48 @@
+"""Streaming from https?:// through fsspec's HTTP filesystem, from a server on loopback."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import video_embeddings_udf as vu
+from video_embeddings_udf import Settings
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_base(shared_videos: Path) -> Iterator[str]:
+    """A plain HTTP server on 127.0.0.1 serving the shared clips; stopped afterwards."""
+    handler = functools.partial(QuietHandler, directory=str(shared_videos))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_http_video_matches_local(http_base: str, settings: Settings, shared_videos: Path) -> None:
+    """An http:// URL embeds to exactly the rows of the same local file."""
+    fn = vu.VideoEmbedding(settings).func
+    remote = np.stack(fn(f"{http_base}/bikes.mp4"))
+    np.testing.assert_array_equal(remote, np.stack(fn(str(shared_videos / "bikes.mp4"))))
+
+
+def test_http_404_gives_zero_tensor(http_base: str, settings: Settings) -> None:
+    """A 404, which the HTTP filesystem reports only when reading starts, is a missing
+    object: the zero tensor, not a failed job."""
+    assert vu.VideoEmbedding(settings).func(f"{http_base}/nope.mp4") == vu.zero_embedding()
