@@ -220,7 +220,7 @@ def decode_frames(uri: str, *, num_frames: int, block_size: int) -> torch.Tensor
                 if reader.error is not None:
                     raise reader.error from None
                 raise UnreadableVideo(" ".join(str(e).split())) from e  # one log line
-    except FileNotFoundError as e:  # at open on most filesystems, at first read on HTTP
+    except FileNotFoundError as e:  # missing at open, or deleted while being read
         raise UnreadableVideo("object does not exist") from e
 
 

@@ -43,6 +43,5 @@ def test_http_video_matches_local(http_base: str, settings: Settings, shared_vid
 
 
 def test_http_404_gives_zero_tensor(http_base: str, settings: Settings) -> None:
-    """A 404, which the HTTP filesystem reports only when reading starts, is a missing
-    object: the zero tensor, not a failed job."""
+    """An HTTP 404 is a missing object: the zero tensor, not a failed job."""
     assert vu.VideoEmbedding(settings).func(f"{http_base}/nope.mp4") == vu.zero_embedding()
