@@ -101,3 +101,15 @@ def test_permission_error_is_raised_at_once(
     with pytest.raises(PermissionError):
         fn(f"faulty://{shared_videos / 'bikes.mp4'}")
     assert faulty.opens == 1
+
+
+def test_object_deleted_mid_read_is_a_missing_object(
+    settings: Settings, shared_videos: Path, faulty: type[FaultyFileSystem]
+) -> None:
+    """An object that disappears while torchcodec reads it gives the zero tensor, once,
+    without retries: it is gone, not flaky."""
+    faulty.failing_opens = 100
+    faulty.fault = FileNotFoundError
+    out = vu.VideoEmbedding(settings).func(f"faulty://{shared_videos / 'bikes.mp4'}")
+    assert out == vu.zero_embedding()
+    assert faulty.opens == 1
