@@ -32,6 +32,8 @@ def find_videos(sources: list[str]) -> list[str]:
     """Every file with a video extension under each folder, glob or URL prefix."""
     found: list[str] = []
     for source in sources:
+        if "://" not in source:
+            source = str(Path(source).resolve())  # print local paths without "..": clearer
         fs, path = fsspec.core.url_to_fs(source)
         if fs.isdir(path):
             paths = fs.find(path)
