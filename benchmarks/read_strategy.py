@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # before gcsfs import: avoids stalls
 
@@ -113,11 +114,14 @@ def run_strategy(
                     src.close()
         except Exception as e:  # a strategy that breaks is a result, not a crash
             error = f"{type(e).__name__}: {e}"[:200]
-        reqs = proxy.snapshot()
+        # Only this object's downloads: a request left in flight by the previous video (a
+        # failed parallel read) can still land after the reset.
+        reqs = [r for r in proxy.snapshot() if f"/o/{quote(video, safe='')}" in r.path]
+        gets = [r for r in reqs if r.is_media_get]
         per_video.append({
-            "video": video, "file_bytes": size, "frames": decoded, "gets": proxy.gets(),
-            "other_requests": sum(not r.is_media_get for r in reqs), "bytes_read": proxy.bytes_out,
-            "ranges": [r.range for r in reqs if r.is_media_get],
+            "video": video, "file_bytes": size, "frames": decoded, "gets": len(gets),
+            "other_requests": len(reqs) - len(gets), "bytes_read": sum(r.bytes_out for r in gets),
+            "ranges": [r.range for r in gets],
             "seconds": time.perf_counter() - t0, "error": error,
         })  # fmt: skip
     total_gets = sum(v["gets"] for v in per_video)

@@ -3,7 +3,6 @@ counting proxy in front so the GETs and bytes of each video are measured."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,20 +31,18 @@ ODD_NAME = "clips/my clip é #1.mp4"
 def gcs(shared_videos: Path) -> Iterator[CountingProxy]:
     """The emulator holding the shared clips under ``clips/``, a counting proxy in front,
     and gcsfs (here and in Ray workers, through the environment) pointed at the proxy."""
-    with GcsEmulator() as emulator, CountingProxy(emulator.endpoint) as proxy:
+    with (
+        GcsEmulator() as emulator,
+        CountingProxy(emulator.endpoint) as proxy,
+        pytest.MonkeyPatch.context() as patch,
+    ):
         for name in CLIPS:
             emulator.upload(BUCKET, f"clips/{name}", (shared_videos / name).read_bytes())
         emulator.upload(BUCKET, ODD_NAME, (shared_videos / "bikes.mp4").read_bytes())
-        env = {"STORAGE_EMULATOR_HOST": proxy.endpoint, "FSSPEC_GCS_TOKEN": "anon"}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        fsspec.config.conf["gcs"] = {"token": "anon"}
-        try:
-            yield proxy
-        finally:
-            fsspec.config.conf.pop("gcs")
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        patch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        patch.setenv("FSSPEC_GCS_TOKEN", "anon")  # read by fsspec in the Ray workers
+        patch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
+        yield proxy
 
 
 @pytest.mark.parametrize("name", CLIPS)

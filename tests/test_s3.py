@@ -40,11 +40,11 @@ def s3(shared_videos: Path) -> Iterator[object]:
     client.create_bucket(Bucket=BUCKET)
     for name in ["bikes.mp4", "av1_video.mkv"]:
         client.put_object(Bucket=BUCKET, Key=name, Body=(shared_videos / name).read_bytes())
-    fsspec.config.conf["s3"] = options
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(fsspec.config.conf, "s3", options)
+            yield server
     finally:
-        fsspec.config.conf.pop("s3")
         server.stop()
 
 
