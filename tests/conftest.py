@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # Geneva's local Ray would otherwise try to rebuild the uv environment on each worker.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from video_embeddings_udf import Settings  # noqa: E402
+from video_embeddings_udf import Settings, VideoEmbedding  # noqa: E402
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 INDEX_STRIDE = 4
@@ -35,6 +36,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def embed_fn(settings: Settings) -> Callable[[str], list]:
+    """The plain callable Geneva wraps, so tests can call it row by row."""
+    return VideoEmbedding(settings).func
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    """Geneva starts local Ray on first backfill; stop it when the test is done."""
+    yield
+    import ray
+
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import geneva
 import numpy as np
 import pyarrow as pa
-import pytest
+from conftest import embed_fn
 
-from video_embeddings_udf import Settings, VideoEmbedding, embedding_column
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """Geneva starts local Ray on first use; stop it when the module is done."""
-    yield
-    import ray
-
-    ray.shutdown()
+from video_embeddings_udf import Settings, embedding_column
 
 
 def test_backfill_embeds_every_row_and_search_finds_each_video(
@@ -48,7 +38,7 @@ def test_backfill_embeds_every_row_and_search_finds_each_video(
 
     stored = {row["path"]: np.array(row["emb"]) for row in tbl.to_arrow().to_pylist()}
     assert sorted(stored) == sorted(good + bad)
-    direct = VideoEmbedding(s).func
+    direct = embed_fn(s)
     for uri in good:
         assert stored[uri].shape == (64, 1024)
         np.testing.assert_allclose(stored[uri], np.stack(direct(uri)), rtol=1e-5, atol=1e-6)

@@ -25,20 +25,16 @@ def test_find_videos_in_folder_glob_and_file(tmp_path: Path, shared_videos: Path
 def test_main_job_embeds_generated_clips_and_finds_each_first(
     tmp_path: Path,
     tiny_model_dir: Path,
+    local_ray: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """With no source, the job generates clips, backfills them through Geneva on local
     Ray into a LanceDB directory, and each clip's own embedding finds that clip first."""
-    import ray
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VJEPA_MODEL", str(tiny_model_dir))
     monkeypatch.setenv("NUM_FRAMES", "16")
-    try:
-        assert demo.main(["--db", str(tmp_path / "db")]) == 0
-    finally:
-        ray.shutdown()
+    assert demo.main(["--db", str(tmp_path / "db")]) == 0
     clips = sorted((tmp_path / "demo-clips").glob("*.mp4"))
     assert len(clips) == len(demo.GENERATED)
     out = capsys.readouterr().out

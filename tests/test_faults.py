@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pytest
+from conftest import embed_fn
 from fsspec.implementations.local import LocalFileSystem
 
 import video_embeddings_udf as vu
@@ -62,7 +63,7 @@ def test_transient_faults_are_retried_to_the_clean_result(
     """Two connection resets mid-read, then success: the row equals the clean result,
     each retry is logged, and no zero tensor is written."""
     video = shared_videos / "bikes.mp4"
-    fn = vu.VideoEmbedding(settings).func
+    fn = embed_fn(settings)
     clean = np.stack(fn(str(video)))
     faulty.failing_opens = 2
     with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
@@ -83,7 +84,7 @@ def test_persistent_fault_is_raised_after_bounded_retries(
     """A fault that never clears is raised to Geneva after RETRY_ATTEMPTS tries."""
     faulty.failing_opens = 100
     faulty.fault = fault
-    fn = vu.VideoEmbedding(settings).func
+    fn = embed_fn(settings)
     with pytest.raises(fault, match="injected fault"):
         fn(f"faulty://{shared_videos / 'bikes.mp4'}")
     assert faulty.opens == vu.RETRY_ATTEMPTS
@@ -97,7 +98,7 @@ def test_permission_error_is_raised_at_once(
     """A refused credential (403 becomes PermissionError) is not retried and not zeroed."""
     faulty.failing_opens = 100
     faulty.fault = PermissionError
-    fn = vu.VideoEmbedding(settings).func
+    fn = embed_fn(settings)
     with pytest.raises(PermissionError):
         fn(f"faulty://{shared_videos / 'bikes.mp4'}")
     assert faulty.opens == 1
@@ -110,6 +111,6 @@ def test_object_deleted_mid_read_is_a_missing_object(
     without retries: it is gone, not flaky."""
     faulty.failing_opens = 100
     faulty.fault = FileNotFoundError
-    out = vu.VideoEmbedding(settings).func(f"faulty://{shared_videos / 'bikes.mp4'}")
+    out = embed_fn(settings)(f"faulty://{shared_videos / 'bikes.mp4'}")
     assert out == vu.zero_embedding()
     assert faulty.opens == 1

@@ -11,6 +11,7 @@ import geneva
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import embed_fn
 from gcs_emulator import CountingProxy, GcsEmulator
 
 import video_embeddings_udf as vu
@@ -51,7 +52,7 @@ def test_stream_from_gcs_one_get_per_small_video(
 ) -> None:
     """A clip smaller than BLOCK_SIZE is read in exactly one GET of exactly its bytes, and
     embeds to the same rows as the local file."""
-    fn = vu.VideoEmbedding(settings).func
+    fn = embed_fn(settings)
     local = np.stack(fn(str(shared_videos / name)))
     gcs.reset()
     remote = np.stack(fn(f"gs://{BUCKET}/clips/{name}"))
@@ -75,24 +76,19 @@ def test_blocks_are_fetched_once_each(gcs: CountingProxy, shared_videos: Path) -
 
 
 def test_backfill_from_gcs_with_base_path(
-    gcs: CountingProxy, settings: Settings, tmp_path: Path
+    gcs: CountingProxy, settings: Settings, tmp_path: Path, local_ray: None
 ) -> None:
     """A Geneva backfill on local Ray reads bare names relative to VIDEO_BASE_PATH=gs://…,
     including a name with a space, non-ASCII and '#'; a missing object gets the zero
     tensor; every other row equals a direct call."""
-    import ray
-
     s = Settings(model=settings.model, num_frames=16, video_base_path=f"gs://{BUCKET}/clips")
     names = ["bikes.mp4", "av1_video.mkv", ODD_NAME.removeprefix("clips/"), "missing.mp4"]
     db = geneva.connect(str(tmp_path / "db"))
     tbl = db.create_table("videos", pa.table({"video_uri": names}))
     tbl.add_columns(embedding_column(s))
-    try:
-        tbl.backfill("video_embedding", num_gpus=0)
-    finally:
-        ray.shutdown()
+    tbl.backfill("video_embedding", num_gpus=0)
     stored = {r["video_uri"]: np.array(r["video_embedding"]) for r in tbl.to_arrow().to_pylist()}
-    direct = vu.VideoEmbedding(s).func
+    direct = embed_fn(s)
     for name in names[:3]:
         assert stored[name].shape == (16, 1024)
         np.testing.assert_allclose(stored[name], np.stack(direct(name)), rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import embed_fn
 
 import video_embeddings_udf as vu
 from video_embeddings_udf import Settings
@@ -37,11 +38,11 @@ def http_base(shared_videos: Path) -> Iterator[str]:
 
 def test_http_video_matches_local(http_base: str, settings: Settings, shared_videos: Path) -> None:
     """An http:// URL embeds to exactly the rows of the same local file."""
-    fn = vu.VideoEmbedding(settings).func
+    fn = embed_fn(settings)
     remote = np.stack(fn(f"{http_base}/bikes.mp4"))
     np.testing.assert_array_equal(remote, np.stack(fn(str(shared_videos / "bikes.mp4"))))
 
 
 def test_http_404_gives_zero_tensor(http_base: str, settings: Settings) -> None:
     """An HTTP 404 is a missing object: the zero tensor, not a failed job."""
-    assert vu.VideoEmbedding(settings).func(f"{http_base}/nope.mp4") == vu.zero_embedding()
+    assert embed_fn(settings)(f"{http_base}/nope.mp4") == vu.zero_embedding()

@@ -9,6 +9,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from conftest import embed_fn
 
 import video_embeddings_udf as vu
 from video_embeddings_udf import Settings
@@ -53,11 +54,11 @@ def test_stream_from_s3_matches_local(
     s3: object, settings: Settings, shared_videos: Path, name: str
 ) -> None:
     """An s3:// URL embeds to exactly the rows of the same local file."""
-    fn = vu.VideoEmbedding(settings).func
+    fn = embed_fn(settings)
     remote = np.stack(fn(f"s3://{BUCKET}/{name}"))
     np.testing.assert_array_equal(remote, np.stack(fn(str(shared_videos / name))))
 
 
 def test_missing_s3_object_gives_zero_tensor(s3: object, settings: Settings) -> None:
     """A key that does not exist is a bad video: the zero tensor, not a failed job."""
-    assert vu.VideoEmbedding(settings).func(f"s3://{BUCKET}/nope.mp4") == vu.zero_embedding()
+    assert embed_fn(settings)(f"s3://{BUCKET}/nope.mp4") == vu.zero_embedding()

@@ -9,18 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import frame_indices
+from conftest import embed_fn, frame_indices
 from torchcodec.decoders import VideoDecoder
 from transformers import AutoModel, AutoVideoProcessor
 
 import video_embeddings_udf as vu
 from video_embeddings_udf import Settings, UnreadableVideo, sample_indices
-
-
-def embed_fn(settings: Settings) -> vu.VideoEmbedding:
-    """The plain callable Geneva wraps, so tests can call it row by row."""
-    return vu.VideoEmbedding(settings).func
-
 
 # --- settings ---------------------------------------------------------------------------
 
