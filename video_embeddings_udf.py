@@ -67,6 +67,7 @@ whatever order the demuxer reads in (see README, "Reading from object storage").
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 1.0
 
+T = TypeVar("T")
 Dtype = Literal["float32", "bfloat16"]
 Output = Literal["frames", "tokens"]
 
@@ -163,15 +164,14 @@ class _StorageReader:
         self.error: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
-        try:
-            return self._file.read(size)
-        except Exception as e:
-            self.error = e
-            raise
+        return self._remembering(self._file.read, size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        return self._remembering(self._file.seek, offset, whence)
+
+    def _remembering(self, call: Callable[..., T], *args: int) -> T:
         try:
-            return self._file.seek(offset, whence)
+            return call(*args)
         except Exception as e:
             self.error = e
             raise
@@ -229,9 +229,6 @@ def _is_transient(error: BaseException) -> bool:
     from gcsfs.retry import is_retriable
 
     return isinstance(error, (TimeoutError, ConnectionError)) or is_retriable(error)
-
-
-T = TypeVar("T")
 
 
 def _with_retries(action: Callable[[], T], *, what: str) -> T:
