@@ -26,8 +26,9 @@ from urllib.parse import quote
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # before gcsfs import: avoids stalls
 
 import gcsfs  # noqa: E402
-import numpy as np  # noqa: E402
 from torchcodec.decoders import VideoDecoder  # noqa: E402
+
+import video_embeddings_udf as vu  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -82,10 +83,9 @@ def derived_clips(videos_dir: Path, tmp: Path) -> list[Path]:
 
 
 def decode(source: Any, frames: int) -> int:
-    """Build an exact-seek decoder on the source and pull ``frames`` uniformly spread frames."""
+    """Build an exact-seek decoder on the source and pull the frames the UDF would sample."""
     decoder = VideoDecoder(source, seek_mode="exact")
-    n = decoder.metadata.num_frames
-    indices = np.linspace(0, n - 1, num=min(frames, n)).round().astype(int).tolist()
+    indices = vu.sample_indices(decoder.metadata.num_frames, frames)
     return decoder.get_frames_at(indices).data.shape[0]
 
 
