@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 # gcsfs reads this at import; with it on, every open against the emulator stalls.
@@ -15,7 +16,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # Geneva's local Ray would otherwise try to rebuild the uv environment on each worker.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from video_embeddings_udf import Settings, VideoEmbedding  # noqa: E402
+from video_embeddings_udf import EMBEDDING_DIM, EMBEDDING_TYPE, Settings, VideoEmbedding  # noqa: E402
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 INDEX_STRIDE = 4
@@ -38,9 +39,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-def embed_fn(settings: Settings) -> Callable[[str], list]:
-    """The plain callable Geneva wraps, so tests can call it row by row."""
-    return VideoEmbedding(settings).func
+class RowEmbedder:
+    """The plain callable Geneva wraps (``udf``), called one row at a time as a batch of
+    one, returning that row's ``(rows, 1024)`` float32 array, read from the Arrow output."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.udf = VideoEmbedding(settings).func
+
+    def __call__(self, video_uri: str) -> np.ndarray:
+        out = self.udf(pa.array([video_uri], pa.string()))
+        assert out.type == EMBEDDING_TYPE and len(out) == 1
+        return out.flatten().flatten().to_numpy().reshape(-1, EMBEDDING_DIM)
+
+
+def embed_fn(settings: Settings) -> RowEmbedder:
+    return RowEmbedder(settings)
 
 
 @pytest.fixture

@@ -45,4 +45,4 @@ def test_http_video_matches_local(http_base: str, settings: Settings, shared_vid
 
 def test_http_404_gives_zero_tensor(http_base: str, settings: Settings) -> None:
     """An HTTP 404 is a missing object: the zero tensor, not a failed job."""
-    assert embed_fn(settings)(f"{http_base}/nope.mp4") == vu.zero_embedding()
+    assert np.array_equal(embed_fn(settings)(f"{http_base}/nope.mp4"), vu.zero_embedding())

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import embed_fn, frame_indices
+from conftest import RowEmbedder, embed_fn, frame_indices
 from torchcodec.decoders import VideoDecoder
 from transformers import AutoModel, AutoVideoProcessor
 
@@ -30,6 +30,10 @@ def test_settings_defaults_and_environment() -> None:
         video_base_path=None,
         dtype=None,
         output="frames",
+        decode_device="auto",
+        decode_workers=None,
+        embed_batch=8,
+        compile=False,
     )
     env = {
         "NUM_FRAMES": "16",
@@ -40,9 +44,24 @@ def test_settings_defaults_and_environment() -> None:
         "VIDEO_BASE_PATH": "gs://b/videos",
         "VJEPA_DTYPE": "bfloat16",
         "EMBEDDING_OUTPUT": "tokens",
+        "VIDEO_DECODE_DEVICE": "cpu",
+        "DECODE_WORKERS": "3",
+        "EMBED_BATCH": "2",
+        "VJEPA_COMPILE": "1",
     }
     assert Settings.from_env(env) == Settings(
-        16, "/ckpt", 1048576, "emb", "path", "gs://b/videos", "bfloat16", "tokens"
+        16,
+        "/ckpt",
+        1048576,
+        "emb",
+        "path",
+        "gs://b/videos",
+        "bfloat16",
+        "tokens",
+        "cpu",
+        3,
+        2,
+        True,
     )
 
 
@@ -57,6 +76,10 @@ def test_settings_defaults_and_environment() -> None:
             r"float32, bfloat16",
         ),
         ({"EMBEDDING_OUTPUT": "mean"}, r"Invalid EMBEDDING_OUTPUT \('mean'\)"),
+        ({"VIDEO_DECODE_DEVICE": "gpu"}, r"Invalid VIDEO_DECODE_DEVICE \('gpu'\)\. Supported"),
+        ({"EMBED_BATCH": "0"}, r"Invalid EMBED_BATCH \(0\)"),
+        ({"DECODE_WORKERS": "0"}, r"Invalid DECODE_WORKERS \(0\)"),
+        ({"VJEPA_COMPILE": "yes please"}, r"Invalid VJEPA_COMPILE \('yes please'\)"),
     ],
 )
 def test_settings_reject_bad_values(env: dict[str, str], message: str) -> None:
@@ -170,11 +193,12 @@ def test_every_shared_clip_embeds(settings: Settings, shared_videos: Path, video
 def test_model_input_matches_checkpoint_crop(settings: Settings, shared_videos: Path) -> None:
     """The processor's output is exactly the checkpoint's crop size (64 px here), so the
     position embeddings are the ones the model was built for."""
-    processor = AutoVideoProcessor.from_pretrained(settings.model)
+    p = vu.Preprocessing.from_processor(AutoVideoProcessor.from_pretrained(settings.model))
     frames = vu.decode_frames(
         str(shared_videos / "scene_cuts.mp4"), num_frames=4, block_size=1 << 20
     )
-    assert vu.preprocess(frames, processor).shape == (1, 4, 3, 64, 64)
+    clips = vu.shrink(frames, p, device="cpu")[None]
+    assert vu.preprocess(clips, p, dtype=torch.float32).shape == (1, 4, 3, 64, 64)
 
 
 def test_odd_num_frames_is_refused_with_reason(tiny_model_dir: Path, shared_videos: Path) -> None:
@@ -185,6 +209,14 @@ def test_odd_num_frames_is_refused_with_reason(tiny_model_dir: Path, shared_vide
 
 
 # --- bad input --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(settings: Settings) -> RowEmbedder:
+    """A UDF whose model is already loaded, so a test sees only its own log lines."""
+    fn = embed_fn(settings)
+    fn.udf._ready()
+    return fn
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +254,7 @@ def bad_inputs(
     ],
 )
 def test_bad_input_gives_zero_tensor_and_one_log_line(
-    settings: Settings,
+    loaded: RowEmbedder,
     bad_inputs: dict[str, str],
     name: str,
     reason: str,
@@ -230,8 +262,8 @@ def test_bad_input_gives_zero_tensor_and_one_log_line(
 ) -> None:
     """A video that cannot be processed returns [[0.0] * 1024] and logs its URL and why."""
     with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
-        out = embed_fn(settings)(bad_inputs[name])
-    assert out == [[0.0] * 1024]
+        out = loaded(bad_inputs[name])
+    assert np.array_equal(out, np.zeros((1, 1024), np.float32))
     lines = [r.getMessage() for r in caplog.records if r.name == "video_embeddings_udf"]
     assert len(lines) == 1
     assert lines[0].startswith(f"zero embedding for {bad_inputs[name]}: ") and reason in lines[0]
@@ -325,16 +357,15 @@ def test_model_loads_once_on_cpu_with_sdpa_and_no_predictor(
 ) -> None:
     """Nothing loads at construction; the first call loads the model once, in float32
     on the CPU with one warning, with SDPA attention, and the predictor never runs."""
-    udf = vu.VideoEmbedding(settings)
-    fn = udf.func
-    assert fn._loaded is None
+    fn = embed_fn(settings)
+    assert fn.udf._runtime is None
     with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
         fn(str(shared_videos / "carphone_distorted.mp4"))
-        model = fn._loaded.model
+        model = fn.udf._runtime.model
         predictor_calls = []
         model.predictor.register_forward_hook(lambda *args: predictor_calls.append(1))
         fn(str(shared_videos / "h265_video.mp4"))
-    assert fn._loaded.model is model
+    assert fn.udf._runtime.model is model
     assert [r.getMessage() for r in caplog.records] == [
         "no CUDA device: V-JEPA2 runs on the CPU, which is slow"
     ]
@@ -350,7 +381,7 @@ def test_bfloat16_stays_close_to_float32(settings: Settings, shared_videos: Path
     full = np.stack(embed_fn(settings)(video))
     bf16_fn = embed_fn(Settings(model=settings.model, dtype="bfloat16"))
     half = np.stack(bf16_fn(video))
-    assert next(bf16_fn._loaded.model.parameters()).dtype == torch.bfloat16
+    assert next(bf16_fn.udf._runtime.model.parameters()).dtype == torch.bfloat16
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, full, rtol=0.05, atol=0.05)
     assert np.abs(half - full).max() > 0
@@ -365,8 +396,8 @@ def test_pickled_udf_carries_settings_not_the_model(
 
     fn = embed_fn(settings)
     fn(str(shared_videos / "carphone_distorted.mp4"))
-    copy = cloudpickle.loads(cloudpickle.dumps(fn))
-    assert copy.settings == settings and copy._loaded is None
+    copy = cloudpickle.loads(cloudpickle.dumps(fn.udf))
+    assert copy.settings == settings and copy._runtime is None
 
 
 @pytest.mark.gpu
@@ -374,7 +405,7 @@ def test_cuda_defaults_to_bfloat16(settings: Settings, shared_videos: Path) -> N
     """On a CUDA machine the model runs on the GPU in bfloat16 by default."""
     fn = embed_fn(settings)
     rows = np.stack(fn(str(shared_videos / "bikes.mp4")))
-    param = next(fn._loaded.model.parameters())
+    param = next(fn.udf._runtime.model.parameters())
     assert param.device.type == "cuda" and param.dtype == torch.bfloat16
     assert rows.shape == (64, 1024) and np.isfinite(rows).all()
 
