@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -512,8 +511,6 @@ class _Runtime:
     dtype: torch.dtype
     engines: _DecodeEngines
     pool: ThreadPoolExecutor
-    prefetched: dict[str, list[Future[torch.Tensor]]]
-    lock: threading.Lock
 
 
 def _load_runtime(settings: Settings) -> _Runtime:
@@ -573,8 +570,6 @@ def _load_runtime(settings: Settings) -> _Runtime:
         dtype=dtype,
         engines=engines,
         pool=ThreadPoolExecutor(engines.size, thread_name_prefix="video-decode"),
-        prefetched={},
-        lock=threading.Lock(),
     )
 
 
@@ -607,18 +602,6 @@ def _decode_task(uri: str | None, rt: _Runtime, settings: Settings) -> torch.Ten
     return _with_retries(lambda: rt.engines.decode(uri, settings, shrink_on_device), what=uri)
 
 
-def _decode_future(uri: str | None, rt: _Runtime, settings: Settings) -> Future[torch.Tensor]:
-    """The clip ``preprocess`` already started for this URL, or a new decode."""
-    with rt.lock:
-        started = rt.prefetched.get(uri)  # type: ignore[arg-type]
-        if started:
-            future = started.pop(0)
-            if not started:
-                del rt.prefetched[uri]  # type: ignore[arg-type]
-            return future
-    return rt.pool.submit(_decode_task, uri, rt, settings)
-
-
 def _decoded(
     uris: list[str | None], rt: _Runtime, settings: Settings
 ) -> Iterator[tuple[int, torch.Tensor | None]]:
@@ -630,7 +613,7 @@ def _decoded(
     try:
         while True:
             while len(running) < window and (item := next(rows, None)) is not None:
-                running[_decode_future(item[1], rt, settings)] = item[0]
+                running[rt.pool.submit(_decode_task, item[1], rt, settings)] = item[0]
             if not running:
                 return
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -690,9 +673,6 @@ def embed_videos(uris: list[str | None], rt: _Runtime, settings: Settings) -> li
     return results
 
 
-_LOAD_LOCK = threading.Lock()
-
-
 @udf(data_type=EMBEDDING_TYPE, num_gpus=1, memory=UDF_MEMORY)
 class VideoEmbedding:
     """Embed the video at each URL as ``[NUM_FRAMES, 1024]`` per-frame rows (or the raw
@@ -708,24 +688,10 @@ class VideoEmbedding:
     def __call__(self, video_uri: pa.Array) -> pa.Array:
         return to_arrow(embed_videos(self._uris(video_uri), self._ready(), self.settings))
 
-    def preprocess(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """Geneva's GPU-pipelining hook (``JOB__ENABLE_GPU_PIPELINING=true``) runs this on
-        reader threads ahead of ``__call__``: start decoding the batch's videos now, so the
-        model never waits for the first clips of a batch. The batch passes unchanged."""
-        if self.settings.video_uri_col not in batch.schema.names:
-            return batch
-        rt = self._ready()
-        for uri in self._uris(batch.column(self.settings.video_uri_col)):
-            future = rt.pool.submit(_decode_task, uri, rt, self.settings)
-            with rt.lock:
-                rt.prefetched.setdefault(uri, []).append(future)  # type: ignore[arg-type]
-        return batch
-
     def _ready(self) -> _Runtime:
-        with _LOAD_LOCK:
-            if self._runtime is None:
-                self._runtime = _load_runtime(self.settings)
-            return self._runtime
+        if self._runtime is None:
+            self._runtime = _load_runtime(self.settings)
+        return self._runtime
 
     def _uris(self, column: pa.Array | pa.ChunkedArray) -> list[str | None]:
         base = self.settings.video_base_path
