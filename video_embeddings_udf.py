@@ -459,17 +459,17 @@ def preprocess(clips: torch.Tensor, p: Preprocessing, *, dtype: torch.dtype) -> 
 # --- embed, pool, output ----------------------------------------------------------------
 
 
-def embed(encode: Callable[[torch.Tensor], Any], pixel_values: torch.Tensor) -> torch.Tensor:
+def embed(
+    encode: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor
+) -> torch.Tensor:
     """Encoder only (never the predictor): ``(B, T, C, crop, crop)`` →
     ``(B, tokens, hidden)`` float32, tokens time-major, ``T / tubelet`` tubelets of
     ``(crop / patch)²`` patches. ``encode`` is ``model.get_vision_features``, compiled or
-    not; transformers 5 wraps its result in an output object."""
+    not."""
     import torch
 
     with torch.inference_mode():
-        out = encode(pixel_values)
-    tokens = out if isinstance(out, torch.Tensor) else out.last_hidden_state
-    return tokens.float()
+        return encode(pixel_values).float()
 
 
 def pool_to_frames(tokens: torch.Tensor, *, num_frames: int, tubelet_size: int) -> torch.Tensor:
