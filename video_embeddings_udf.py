@@ -334,7 +334,7 @@ class _DecodeEngines:
     the same batches; the faster engine comes back sooner and so takes more clips."""
 
     def __init__(self, *, nvdec: int, cpu: int) -> None:
-        self.size = nvdec + cpu
+        self.nvdec, self.cpu, self.size = nvdec, cpu, nvdec + cpu
         self._free: queue.SimpleQueue[str] = queue.SimpleQueue()
         for device in ["cuda"] * nvdec + ["cpu"] * cpu:
             self._free.put(device)

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         rt = udf._ready()
 
         result: dict[str, Any] = {**describe_machine(), "model": args.model}
-        result["decode_engines"] = {"cpu_threads": rt.engines.size}
+        result["decode_threads"] = {"cpu": rt.engines.cpu, "nvdec": rt.engines.nvdec}
         result["seed_videos_per_s"] = seed_recipe([str(f) for f in files[:seed_n]], model_dir)
         result["decode_videos_per_s"] = decode_only(videos, settings, rt)
         result["model_clips_per_s"] = model_only(settings, rt, model_batches)

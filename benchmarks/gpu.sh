@@ -15,7 +15,7 @@ wheels=${WHEELS:-.scratch/wheels}
 clips=${CLIPS:-.scratch/clips}
 w=$(mktemp -d)
 trap 'rm -rf "$w"' EXIT
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - "$wheels" "$w" <<'PY'
 import glob, os, re, sys, zipfile
 wheels, w = sys.argv[1:]
@@ -50,4 +50,4 @@ PY
     export PYTHONPATH=$PYTHONPATH:$w/stub
 fi
 timeout 560 python3 benchmarks/bench.py --model vitl-random --clips-dir "$clips" \
-    --videos 256 --json "${OUT:-.}/bench_gpu.json"
+    --videos 256 --json "${OUT:-.}/bench_gpu.json" "$@"
