@@ -133,6 +133,7 @@ def define_manifest(conn: Connection, manifest: GenevaManifest) -> None:
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", "Connection.define_manifest", DeprecationWarning)
+        logger.info("uploading %s, defining manifest %r", Path(vu.__file__).name, manifest.name)
         conn.define_manifest(manifest.name, manifest)
 
 
@@ -144,11 +145,12 @@ def connect(bucket: str) -> Connection:
     be listed. A local directory must exist already: ``geneva.connect`` would create it."""
     import geneva
 
-    local = bucket.removeprefix("file://") if bucket.startswith("file://") else bucket
+    local = bucket.removeprefix("file://")
     if "://" not in local and not Path(local).is_dir():
         raise SetupError(f"cannot reach {bucket}: no such directory")
-    conn = geneva.connect(bucket)
+    logger.info("listing the tables in %s", bucket)
     try:
+        conn = geneva.connect(bucket)
         conn.list_tables(limit=1)
     except Exception as e:  # whatever the store raised, the database cannot be read
         raise SetupError(f"cannot reach {bucket}: {_one_line(e)}") from e
@@ -234,6 +236,7 @@ def run(request: Request, settings: vu.Settings) -> None:
     if has_column:
         print(f"{exists}: left as it is")
         return
+    logger.info("adding column %r to table %r", column, request.table)
     tbl.add_columns(vu.embedding_column(settings))
     print(f"added {add}")
 
