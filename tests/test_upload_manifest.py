@@ -88,10 +88,8 @@ def runs(
         "NUM_FRAMES": str(NUM_FRAMES),
     }
     before = snapshot(db)
-    dry = cli(
-        "--bucket", str(db), "--dry-run", "--generate-zip", "--zip-output-dir",
-        str(tmp / "zips"), env=env, cwd=work,
-    )  # fmt: skip
+    dry_run = ["--dry-run", "--generate-zip", "--zip-output-dir", str(tmp / "zips")]
+    dry = cli("--bucket", str(db), *dry_run, env=env, cwd=work)
     after_dry = snapshot(db)
     first = cli("--bucket", str(db), env=env, cwd=work)
     tbl = geneva.connect(str(db)).open_table("videos")
@@ -99,10 +97,18 @@ def runs(
     with contextlib.redirect_stdout(io.StringIO()) as out:  # in-process: Geneva is loaded
         code = upload_manifest.main(["--bucket", str(db)], env)
     second = subprocess.CompletedProcess([], code, out.getvalue(), "")
-    return {
-        "db": db, "tmp": tmp, "work": work, "dry": dry, "first": first, "second": second,
-        "before": before, "after_dry": after_dry, "version": version, "schema": schema,
-    }  # fmt: skip
+    return dict(
+        db=db,
+        tmp=tmp,
+        work=work,
+        dry=dry,
+        first=first,
+        second=second,
+        before=before,
+        after_dry=after_dry,
+        version=version,
+        schema=schema,
+    )
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
@@ -247,9 +253,9 @@ def test_pip_list_is_every_project_dependency_at_its_locked_version() -> None:
         assert pin.extras == wanted[name].extras
         assert wanted[name].specifier.contains(spec.version)
         assert importlib.metadata.version(name) == spec.version
-    for spec_pin in ["torch==2.9.0", "torchvision==0.24.0", "transformers==4.57.1",
-                     "torchcodec==0.8.1", "geneva==0.17.0"]:  # fmt: skip
-        assert spec_pin in upload_manifest.locked_requirements()
+    spec_pins = {"torch==2.9.0", "torchvision==0.24.0", "transformers==4.57.1"}
+    spec_pins |= {"torchcodec==0.8.1", "geneva==0.17.0"}
+    assert spec_pins <= set(upload_manifest.locked_requirements())
 
 
 def test_pip_list_is_read_from_the_lock_when_called(tmp_path: Path) -> None:
@@ -289,8 +295,8 @@ def test_help_explains_every_option(
         upload_manifest.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ["--bucket", "--manifest-name", "--dry-run", "--generate-zip",
-                   "--zip-output-dir", "--verbose", "--image", "GENEVA_TABLE_NAME"]:  # fmt: skip
+    options = ["--bucket", "--manifest-name", "--dry-run", "--generate-zip", "--zip-output-dir"]
+    for option in [*options, "--verbose", "--image", "GENEVA_TABLE_NAME"]:
         assert option in out
     assert "default: video-embeddings-v1" in out
 
@@ -310,10 +316,11 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true",
-                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_REGION": "us-east-1"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT", endpoint)
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
     try:
         yield endpoint
     finally:
@@ -400,6 +407,18 @@ def test_generate_zip_needs_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
 # --- the cluster helper ----------------------------------------------------------------
 
 
+KUBECONFIG = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "current-context": "none",
+    "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
+    "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+    "users": [{"name": "none", "user": {"token": "none"}}],
+}
+"""A kubeconfig that names a server nobody listens on: enough for Geneva to build its
+Kubernetes clients, which these tests never call."""
+
+
 def test_gpu_cluster_definition_round_trips_and_renders_gpu_pods(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -421,18 +440,12 @@ def test_gpu_cluster_definition_round_trips_and_renders_gpu_pods(
     assert kuberay.head_group.image == "registry/video:1"
     assert kuberay.head_group.num_gpus == 0
     [worker] = kuberay.worker_groups
-    assert (worker.image, worker.num_gpus, worker.num_cpus, worker.memory) == (
-        "registry/video:1", 2, 16, "32Gi",
-    )  # fmt: skip
+    assert (worker.image, worker.num_gpus) == ("registry/video:1", 2)
+    assert (worker.num_cpus, worker.memory) == (16, "32Gi")
     assert (worker.replicas, worker.max_replicas) == (3, 3)
 
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "none",
-        "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
-        "users": [{"name": "none", "user": {"token": "none"}}],
-    }))  # fmt: skip
+    kubeconfig.write_text(json.dumps(KUBECONFIG))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     definition = cluster.to_ray_cluster().definition
     assert definition["metadata"] == {"name": "gpu-cluster", "namespace": "video"}
