@@ -23,6 +23,7 @@ import geneva
 import numpy as np
 import pyarrow as pa
 import pytest
+from kubernetes.config import kube_config
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -306,8 +307,9 @@ def test_help_explains_every_option(
 
 @pytest.fixture
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with no bucket, and Lance's S3 settings pointing at
-    it through the environment; the server is stopped afterwards."""
+    """moto's S3 server on 127.0.0.1, and Lance's S3 settings pointing at it through the
+    environment; the server is stopped afterwards. moto keeps its buckets per process,
+    so other tests' buckets may be there; none is named ``missing``."""
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:
@@ -385,7 +387,7 @@ def test_unreachable_bucket_is_one_line(
     s3_endpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A bucket that does not exist on a real S3 server: the store's reason, on one
-    line, and nothing created there."""
+    line, and the bucket is not created."""
     import boto3
 
     env = {"GENEVA_TABLE_NAME": "videos"}
@@ -394,7 +396,7 @@ def test_unreachable_bucket_is_one_line(
     assert err.startswith("error: cannot reach s3://missing/db: ")
     assert "NoSuchBucket" in err and err.count("\n") == 1
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    assert client.list_buckets()["Buckets"] == []
+    assert "missing" not in [b["Name"] for b in client.list_buckets()["Buckets"]]
 
 
 def test_generate_zip_needs_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -446,7 +448,8 @@ def test_gpu_cluster_definition_round_trips_and_renders_gpu_pods(
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps(KUBECONFIG))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # kubernetes reads KUBECONFIG when imported, perhaps by an earlier test: set its default.
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     definition = cluster.to_ray_cluster().definition
     assert definition["metadata"] == {"name": "gpu-cluster", "namespace": "video"}
     [group] = definition["spec"]["workerGroupSpecs"]
