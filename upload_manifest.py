@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from geneva.manifest import GenevaManifest
     from geneva.table import Table
 
-logger = logging.getLogger("upload_manifest")
+logger = logging.getLogger("upload_manifest")  # not __name__, which is __main__ as a script
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MANIFEST_NAME = "video-embeddings-v1"
@@ -58,8 +58,9 @@ class SetupError(Exception):
 
 
 def locked_requirements(project_dir: Path = PROJECT_DIR) -> list[str]:
-    """The project's dependencies (``[project].dependencies``), each pinned to the version
-    ``uv.lock`` resolved, read when called: the lock is the one list of versions."""
+    """The project's dependencies as ``uv.lock`` records them (``uv sync --locked`` keeps
+    them equal to ``[project].dependencies``), each pinned to its locked version. Read
+    when called: the lock is the one list; there is no second one to keep in step."""
     name = tomllib.loads((project_dir / "pyproject.toml").read_text())["project"]["name"]
     packages = tomllib.loads((project_dir / "uv.lock").read_text())["package"]
     versions = {p["name"]: p["version"] for p in packages if "version" in p}
@@ -318,6 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Parse the arguments, read the environment once, and run; bad input is one line on
+    stderr and exit status 1."""
     args = parse_args(argv)
     env = dict(os.environ) if environ is None else environ
     logging.basicConfig(
