@@ -75,8 +75,8 @@ def manifest_zips(manifest: Any) -> list[Path]:
 def runs(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, shared_videos: Path
 ) -> dict[str, Any]:
-    """A table with a ``video_uri`` column; then, as subprocesses, a dry run that also
-    writes the zip and a real run; then a second real run in-process; with snapshots
+    """A table with a ``video_uri`` column; then, as subprocesses, a verbose dry run that
+    also writes the zip and a real run; then a second real run in-process; with snapshots
     in between."""
     tmp = tmp_path_factory.mktemp("upload")
     db = make_db(tmp / "db", str(shared_videos / VIDEO))
@@ -89,7 +89,7 @@ def runs(
         "NUM_FRAMES": str(NUM_FRAMES),
     }
     before = snapshot(db)
-    dry_run = ["--dry-run", "--generate-zip", "--zip-output-dir", str(tmp / "zips")]
+    dry_run = ["--dry-run", "--generate-zip", "--zip-output-dir", str(tmp / "zips"), "--verbose"]
     dry = cli("--bucket", str(db), *dry_run, env=env, cwd=work)
     after_dry = snapshot(db)
     first = cli("--bucket", str(db), env=env, cwd=work)
@@ -116,8 +116,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
     runs: dict[str, Any],
 ) -> None:
     """--dry-run leaves the database exactly as it was and the working directory empty;
-    it prints the manifest and the column it would add, and --generate-zip writes the
-    very zip the real run uploads, holding only the UDF module."""
+    it prints the manifest and the column it would add, --verbose logs the steps, and
+    --generate-zip writes the very zip the real run uploads, holding only the module."""
     dry = runs["dry"]
     assert dry.returncode == 0, dry.stderr
     assert runs["after_dry"] == runs["before"]
@@ -128,6 +128,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
     assert dry.stdout.endswith(
         "would add column 'video_embedding' to table 'videos': VideoEmbedding on 'video_uri'\n"
     )
+    assert f"INFO upload_manifest: listing the tables in {runs['db']}\n" in dry.stderr
+    assert "INFO" not in runs["first"].stderr  # without --verbose
     [written] = (runs["tmp"] / "zips").iterdir()
     assert f"wrote {written}\n" in dry.stdout
     [uploaded] = manifest_zips(geneva.connect(str(runs["db"])).list_manifests()[0])
