@@ -1,0 +1,465 @@
+"""upload_manifest.py against real local Geneva databases: the manifest row and its zip,
+the column, the dry run, the errors, and the UDF unpickled from the table in a process
+that has only the packaged files."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import geneva
+import numpy as np
+import pyarrow as pa
+import pytest
+from kubernetes.config import kube_config
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import upload_manifest
+from video_embeddings_udf import EMBEDDING_TYPE, Settings, VideoEmbedding
+
+PROJECT = Path(upload_manifest.__file__).resolve().parent
+MANIFEST = "video-embeddings-v1"
+NUM_FRAMES = 16
+VIDEO = "bikes.mp4"
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mtime: equal snapshots, nothing written."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
+
+
+def make_db(path: Path, video: str = "a.mp4") -> Path:
+    geneva.connect(str(path)).create_table("videos", pa.table({"video_uri": [video]}))
+    return path
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PROJECT / "upload_manifest.py"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def locked_versions() -> dict[str, str]:
+    lock = tomllib.loads((PROJECT / "uv.lock").read_text())
+    return {p["name"]: p["version"] for p in lock["package"] if "version" in p}
+
+
+def manifest_zips(manifest: Any) -> list[Path]:
+    return [Path(uri.removeprefix("file://")) for group in manifest.zips for uri in group]
+
+
+# --- real runs, as subprocesses ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, shared_videos: Path
+) -> dict[str, Any]:
+    """A table with a ``video_uri`` column; then, as subprocesses, a verbose dry run that
+    also writes the zip and a real run; then a second real run in-process; with snapshots
+    in between."""
+    tmp = tmp_path_factory.mktemp("upload")
+    db = make_db(tmp / "db", str(shared_videos / VIDEO))
+    work = tmp / "work"
+    work.mkdir()
+    env = {
+        **os.environ,
+        "GENEVA_TABLE_NAME": "videos",
+        "VJEPA_MODEL": str(tiny_model_dir),
+        "NUM_FRAMES": str(NUM_FRAMES),
+    }
+    before = snapshot(db)
+    dry_run = ["--dry-run", "--generate-zip", "--zip-output-dir", str(tmp / "zips"), "--verbose"]
+    dry = cli("--bucket", str(db), *dry_run, env=env, cwd=work)
+    after_dry = snapshot(db)
+    first = cli("--bucket", str(db), env=env, cwd=work)
+    tbl = geneva.connect(str(db)).open_table("videos")
+    version, schema = tbl.version, tbl.schema
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # in-process: Geneva is loaded
+        code = upload_manifest.main(["--bucket", str(db)], env)
+    second = subprocess.CompletedProcess([], code, out.getvalue(), "")
+    return dict(
+        db=db,
+        tmp=tmp,
+        work=work,
+        dry=dry,
+        first=first,
+        second=second,
+        before=before,
+        after_dry=after_dry,
+        version=version,
+        schema=schema,
+    )
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
+    runs: dict[str, Any],
+) -> None:
+    """--dry-run leaves the database exactly as it was and the working directory empty;
+    it prints the manifest and the column it would add, --verbose logs the steps, and
+    --generate-zip writes the very zip the real run uploads, holding only the module."""
+    dry = runs["dry"]
+    assert dry.returncode == 0, dry.stderr
+    assert runs["after_dry"] == runs["before"]
+    assert list(runs["work"].iterdir()) == []
+    assert dry.stdout.startswith("dry run: nothing is written to the database\n")
+    assert "  conda environment (conda-forge): python=3.11, ffmpeg<8, pip\n" in dry.stdout
+    assert "    torch==2.9.0\n" in dry.stdout
+    assert dry.stdout.endswith(
+        "would add column 'video_embedding' to table 'videos': VideoEmbedding on 'video_uri'\n"
+    )
+    assert f"INFO upload_manifest: listing the tables in {runs['db']}\n" in dry.stderr
+    assert "INFO" not in runs["first"].stderr  # without --verbose
+    [written] = (runs["tmp"] / "zips").iterdir()
+    assert f"wrote {written}\n" in dry.stdout
+    [uploaded] = manifest_zips(geneva.connect(str(runs["db"])).list_manifests()[0])
+    assert written.name == uploaded.name
+    with zipfile.ZipFile(written) as z:
+        assert z.namelist() == ["video_embeddings_udf.py"]
+
+
+def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
+    runs: dict[str, Any],
+) -> None:
+    """The manifest row: conda-forge, Python from .python-version, ffmpeg<8, and a pip
+    list of every project dependency at its uv.lock version; its one zip, stored in the
+    database, holds video_embeddings_udf.py byte for byte."""
+    assert runs["first"].returncode == 0, runs["first"].stderr
+    [manifest] = geneva.connect(str(runs["db"])).list_manifests()
+    assert manifest.name == MANIFEST
+    python = (PROJECT / ".python-version").read_text().strip()
+    *conda, pip = manifest.conda["dependencies"]
+    assert manifest.conda["channels"] == ["conda-forge"]
+    assert conda == [f"python={python}", "ffmpeg<8", "pip"]
+    assert pip["pip"] == upload_manifest.locked_requirements()
+    assert "geneva==0.17.0" in pip["pip"]
+    assert manifest.head_image is None and manifest.worker_image is None
+    [stored] = manifest_zips(manifest)
+    assert stored.is_relative_to(runs["db"])
+    with zipfile.ZipFile(stored) as z:
+        assert z.namelist() == ["video_embeddings_udf.py"]
+        assert (
+            z.read("video_embeddings_udf.py") == (PROJECT / "video_embeddings_udf.py").read_bytes()
+        )
+    assert f"defined manifest '{MANIFEST}' in {runs['db']}:\n" in runs["first"].stdout
+
+
+def test_column_is_added_once_with_its_type(runs: dict[str, Any]) -> None:
+    """The first run adds the column as list<fixed_size_list<float32, 1024>>; the second
+    says it is there and leaves the table at the same version, schema and UDF."""
+    assert runs["first"].stdout.endswith(
+        "added column 'video_embedding' to table 'videos': VideoEmbedding on 'video_uri'\n"
+    )
+    field = runs["schema"].field("video_embedding")
+    assert field.type == pa.list_(pa.list_(pa.float32(), 1024)) == EMBEDDING_TYPE
+    second = runs["second"]
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.endswith(
+        "table 'videos' already has column 'video_embedding': left as it is\n"
+    )
+    tbl = geneva.connect(str(runs["db"])).open_table("videos")
+    assert tbl.schema.names == ["video_uri", "video_embedding"]
+    assert tbl.version == runs["version"]
+    assert tbl.schema.field("video_embedding").metadata == field.metadata
+    assert len(geneva.connect(str(runs["db"])).list_manifests()) == 1
+
+
+UNPICKLE = """
+import sys
+import numpy as np
+import pyarrow as pa
+import geneva
+from geneva.packager import DockerUDFPackager
+from geneva.runners.ray.pipeline import fetch_udf
+
+db, out = sys.argv[1:]
+tbl = geneva.connect(db).open_table("videos")
+udf = DockerUDFPackager().unmarshal(fetch_udf(tbl, "video_embedding"))
+import video_embeddings_udf
+print(video_embeddings_udf.__file__)
+uri = tbl.to_arrow()["video_uri"][0].as_py()
+np.save(out, np.array(udf(pa.record_batch({"video_uri": [uri]})).to_pylist()[0]))
+"""
+
+
+def test_udf_unpickles_and_embeds_with_only_the_packaged_files(
+    runs: dict[str, Any], tiny_model_dir: Path, shared_videos: Path
+) -> None:
+    """In a fresh process whose path holds the unzipped package and the third-party
+    site-packages, without the project's editable install (no .pth processing), the
+    column's UDF unpickles from the table, imports the module from the package, loads
+    the tiny checkpoint and embeds the shared clip as an in-process call does."""
+    [stored] = manifest_zips(geneva.connect(str(runs["db"])).list_manifests()[0])
+    package = runs["tmp"] / "package"
+    zipfile.ZipFile(stored).extractall(package)
+    out = runs["tmp"] / "rows.npy"
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VJEPA_MODEL"}}
+    env["PYTHONPATH"] = os.pathsep.join([str(package), sysconfig.get_paths()["purelib"]])
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", UNPICKLE, str(runs["db"]), str(out)],
+        env=env,
+        cwd=runs["tmp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == str(package / "video_embeddings_udf.py")
+    rows = np.load(out)
+    assert rows.shape == (NUM_FRAMES, 1024)
+    settings = Settings(model=str(tiny_model_dir), num_frames=NUM_FRAMES)
+    batch = pa.record_batch({"video_uri": [str(shared_videos / VIDEO)]})
+    expected = np.array(VideoEmbedding(settings)(batch).to_pylist()[0])
+    np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(rows).sum() > 0
+
+
+# --- the pip list: one source of truth --------------------------------------------------
+
+
+def test_pip_list_is_every_project_dependency_at_its_locked_version() -> None:
+    """One entry per [project].dependencies entry, with its extras, pinned to the
+    uv.lock version, which satisfies pyproject's specifier and is the installed one."""
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    wanted = {
+        canonicalize_name(r.name): r for r in map(Requirement, pyproject["project"]["dependencies"])
+    }
+    pins = {
+        canonicalize_name(r.name): r
+        for r in map(Requirement, upload_manifest.locked_requirements())
+    }
+    assert pins.keys() == wanted.keys()
+    versions = locked_versions()
+    for name, pin in pins.items():
+        [spec] = pin.specifier
+        assert spec.operator == "==" and spec.version == versions[name]
+        assert pin.extras == wanted[name].extras
+        assert wanted[name].specifier.contains(spec.version)
+        assert importlib.metadata.version(name) == spec.version
+    spec_pins = {"torch==2.9.0", "torchvision==0.24.0", "transformers==4.57.1"}
+    spec_pins |= {"torchcodec==0.8.1", "geneva==0.17.0"}
+    assert spec_pins <= set(upload_manifest.locked_requirements())
+
+
+def test_pip_list_is_read_from_the_lock_when_called(tmp_path: Path) -> None:
+    """A project whose uv.lock resolves numpy to another version gets that version:
+    the list is derived from the files, not kept by hand."""
+    (tmp_path / "pyproject.toml").write_text((PROJECT / "pyproject.toml").read_text())
+    numpy = locked_versions()["numpy"]
+    lock = (PROJECT / "uv.lock").read_text()
+    entry = f'name = "numpy"\nversion = "{numpy}"'
+    assert entry in lock
+    (tmp_path / "uv.lock").write_text(lock.replace(entry, 'name = "numpy"\nversion = "1.0.0"'))
+    pins = upload_manifest.locked_requirements(tmp_path)
+    assert "numpy==1.0.0" in pins
+    assert f"numpy=={numpy}" not in pins
+
+
+# --- custom images, help --------------------------------------------------------------
+
+
+def test_image_option_sets_both_images_and_skips_conda(tmp_path: Path) -> None:
+    """--image stores head and worker images and no conda environment or pip list."""
+    db = make_db(tmp_path / "db")
+    env = {"GENEVA_TABLE_NAME": "videos"}
+    assert upload_manifest.main(["--bucket", str(db), "--image", "registry/video:1"], env) == 0
+    [manifest] = geneva.connect(str(db)).list_manifests()
+    assert manifest.head_image == manifest.worker_image == "registry/video:1"
+    assert manifest.conda == {} and manifest.pip == []
+    with zipfile.ZipFile(manifest_zips(manifest)[0]) as z:
+        assert z.namelist() == ["video_embeddings_udf.py"]
+
+
+def test_help_explains_every_option(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option, so a default reads whole
+    with pytest.raises(SystemExit) as exit_:
+        upload_manifest.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    options = ["--bucket", "--manifest-name", "--dry-run", "--generate-zip", "--zip-output-dir"]
+    for option in [*options, "--verbose", "--image", "GENEVA_TABLE_NAME"]:
+        assert option in out
+    assert "default: video-embeddings-v1" in out
+
+
+# --- errors: one line, exit 1, nothing written ------------------------------------------
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, and Lance's S3 settings pointing at it through the
+    environment; the server is stopped afterwards. moto keeps its buckets per process,
+    so other tests' buckets may be there; none is named ``missing``."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT", endpoint)
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def run_main(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    code = upload_manifest.main(argv, env)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return code, captured.err
+
+
+BAD_INPUT = {
+    "no-table-name": (
+        {},
+        "GENEVA_TABLE_NAME is not set: export the name of the table to add the column to",
+    ),
+    "missing-table": ({"GENEVA_TABLE_NAME": "clips"}, "table 'clips' does not exist in {db}"),
+    "no-uri-column": (
+        {"GENEVA_TABLE_NAME": "other"},
+        "table 'other' has no column 'video_uri' to read video URLs from "
+        "(set VIDEO_URI_COL to the column that holds them)",
+    ),
+    "bad-setting": (
+        {"GENEVA_TABLE_NAME": "videos", "NUM_FRAMES": "many"},
+        "Invalid NUM_FRAMES ('many'). It must be an integer.",
+    ),
+}
+
+
+@pytest.mark.parametrize(("env", "message"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    message: str,
+    dry_run: bool,
+) -> None:
+    db = make_db(tmp_path / "db")
+    geneva.connect(str(db)).create_table("other", pa.table({"path": ["a.mp4"]}))
+    before = snapshot(db)
+    argv = ["--bucket", str(db)] + (["--dry-run"] if dry_run else [])
+    assert run_main(argv, env, capsys) == (1, f"error: {message.format(db=db)}\n")
+    assert snapshot(db) == before
+
+
+def test_unreachable_local_directory_is_one_line_and_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no" / "db"
+    env = {"GENEVA_TABLE_NAME": "videos"}
+    code, err = run_main(["--bucket", str(missing)], env, capsys)
+    assert (code, err) == (1, f"error: cannot reach {missing}: no such directory\n")
+    assert not (tmp_path / "no").exists()
+
+
+def test_unreachable_bucket_is_one_line(
+    s3_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bucket that does not exist on a real S3 server: the store's reason, on one
+    line, and the bucket is not created."""
+    import boto3
+
+    env = {"GENEVA_TABLE_NAME": "videos"}
+    code, err = run_main(["--bucket", "s3://missing/db"], env, capsys)
+    assert code == 1
+    assert err.startswith("error: cannot reach s3://missing/db: ")
+    assert "NoSuchBucket" in err and err.count("\n") == 1
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert "missing" not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+
+
+def test_generate_zip_needs_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        upload_manifest.main(["--bucket", "db", "--generate-zip"], {})
+    assert exit_.value.code == 2
+    assert "--generate-zip only applies with --dry-run" in capsys.readouterr().err
+
+
+# --- the cluster helper ----------------------------------------------------------------
+
+
+KUBECONFIG = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "current-context": "none",
+    "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
+    "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+    "users": [{"name": "none", "user": {"token": "none"}}],
+}
+"""A kubeconfig that names a server nobody listens on: enough for Geneva to build its
+Kubernetes clients, which these tests never call."""
+
+
+def test_gpu_cluster_definition_round_trips_and_renders_gpu_pods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gpu_cluster's definition, stored with define_cluster and read back, has the
+    namespace, image, GPUs, CPUs, memory and worker count asked for; the KubeRay
+    RayCluster that geneva renders from it requests those GPUs per pod. A kubeconfig
+    pointing at nothing lets geneva build its Kubernetes clients; no request is made."""
+    conn = geneva.connect(str(tmp_path / "db"))
+    conn.define_cluster(
+        "gpu-cluster",
+        upload_manifest.gpu_cluster(
+            namespace="video", image="registry/video:1", gpus_per_worker=2, workers=3
+        ),
+    )
+    [cluster] = conn.list_clusters()
+    assert cluster.name == "gpu-cluster"
+    kuberay = cluster.kuberay
+    assert kuberay.namespace == "video"
+    assert kuberay.head_group.image == "registry/video:1"
+    assert kuberay.head_group.num_gpus == 0
+    [worker] = kuberay.worker_groups
+    assert (worker.image, worker.num_gpus) == ("registry/video:1", 2)
+    assert (worker.num_cpus, worker.memory) == (16, "32Gi")
+    assert (worker.replicas, worker.max_replicas) == (3, 3)
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(KUBECONFIG))
+    # kubernetes reads KUBECONFIG when imported, perhaps by an earlier test: set its default.
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    definition = cluster.to_ray_cluster().definition
+    assert definition["metadata"] == {"name": "gpu-cluster", "namespace": "video"}
+    [group] = definition["spec"]["workerGroupSpecs"]
+    assert group["rayStartParams"]["num-gpus"] == "2"
+    assert (group["replicas"], group["maxReplicas"]) == (3, 3)
+    [container] = group["template"]["spec"]["containers"]
+    assert container["image"] == "registry/video:1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["limits"]["memory"] == 32 * 1024**3
+    [head] = definition["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert head["image"] == "registry/video:1"

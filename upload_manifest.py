@@ -1,0 +1,356 @@
+"""Define the Geneva manifest that GPU workers need, and add the embedding column.
+
+    export GENEVA_TABLE_NAME=videos
+    uv run python upload_manifest.py --bucket gs://your-bucket/path
+
+The manifest (``--manifest-name``, default ``video-embeddings-v1``) is what
+``conn.context(cluster=..., manifest=...)`` installs on the Ray workers: a conda
+environment with the Python of ``.python-version``, ``ffmpeg<8`` for torchcodec and, through
+pip, the project's dependencies at their ``uv.lock`` versions; and a zip holding
+``video_embeddings_udf.py``, so that workers can unpickle ``VideoEmbedding``. The column
+named by ``VIDEO_EMBEDDING_COL`` is then added to the table ``GENEVA_TABLE_NAME``, unless it
+is already there. Nothing is backfilled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import tomllib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import video_embeddings_udf as vu
+
+if TYPE_CHECKING:
+    from geneva.cluster.mgr import GenevaCluster
+    from geneva.db import Connection
+    from geneva.manifest import GenevaManifest
+    from geneva.table import Table
+
+logger = logging.getLogger("upload_manifest")  # not __name__, which is __main__ as a script
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_MANIFEST_NAME = "video-embeddings-v1"
+CONDA_CHANNELS = ["conda-forge"]
+FFMPEG = "ffmpeg<8"
+"""torchcodec 0.8 loads the shared libraries of FFmpeg 4 to 7."""
+CPUS_PER_GPU = 8
+"""CPUs for decoding next to each GPU, for ``gpu_cluster``."""
+MEMORY_GIB_PER_GPU = 16
+"""Pod memory per GPU, for ``gpu_cluster``: the UDF reserves 8 GiB, and Ray keeps part of a
+pod's memory for its object store."""
+
+
+class SetupError(Exception):
+    """Bad input, found before anything is written; reported as one line."""
+
+
+# --- the manifest -----------------------------------------------------------------------
+
+
+def locked_requirements(project_dir: Path = PROJECT_DIR) -> list[str]:
+    """The project's dependencies as ``uv.lock`` records them (``uv sync --locked`` keeps
+    them equal to ``[project].dependencies``), each pinned to its locked version. Read
+    when called: the lock is the one list; there is no second one to keep in step."""
+    name = tomllib.loads((project_dir / "pyproject.toml").read_text())["project"]["name"]
+    packages = tomllib.loads((project_dir / "uv.lock").read_text())["package"]
+    versions = {p["name"]: p["version"] for p in packages if "version" in p}
+    project = next(p for p in packages if p["name"] == name)
+    requirements = []
+    for dep in project.get("dependencies", []):
+        extras = f"[{','.join(dep['extra'])}]" if dep.get("extra") else ""
+        marker = f"; {dep['marker']}" if dep.get("marker") else ""
+        requirements.append(f"{dep['name']}{extras}=={versions[dep['name']]}{marker}")
+    return requirements
+
+
+def conda_environment(project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+    """A Ray runtime environment takes pip or conda, not both; FFmpeg is not on PyPI, so
+    the environment is conda with the pip packages nested in it."""
+    python = (project_dir / ".python-version").read_text().strip()
+    return {
+        "channels": CONDA_CHANNELS,
+        "dependencies": [
+            f"python={python}",
+            FFMPEG,
+            "pip",
+            {"pip": locked_requirements(project_dir)},
+        ],
+    }
+
+
+def build_manifest(name: str, *, image: str | None = None) -> GenevaManifest:
+    """The conda manifest, or, with ``image``, one that runs head and workers on that
+    image (FFmpeg and the Python stack baked in) with no conda environment."""
+    from geneva.manifest import GenevaManifest
+
+    if image:
+        return GenevaManifest.create_pip(name).head_image(image).worker_image(image).build()
+    return GenevaManifest.create_conda(name).conda(conda_environment()).build()
+
+
+@contextlib.contextmanager
+def staged_package() -> Iterator[Path]:
+    """A temporary src-layout project holding only the UDF module, yielding its ``src``.
+
+    Geneva packages the ``src`` folder of the project around the working directory, so
+    with this folder as the working directory the zip holds ``video_embeddings_udf.py``
+    and nothing else. ``copy2`` keeps the file's mtime, which Geneva's zip name hashes:
+    an unchanged module is not uploaded again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shutil.copy2(PROJECT_DIR / "pyproject.toml", root)
+        (root / "src").mkdir()
+        shutil.copy2(vu.__file__, root / "src")
+        yield root / "src"
+
+
+def package_zips(output_dir: Path, *, write: bool) -> list[Path]:
+    """The zip(s) Geneva makes of the staged package, written to ``output_dir`` only
+    when ``write``; the names are content hashes, the same as the upload's."""
+    from geneva.packager.autodetect import package_local_env_into_zips
+
+    with staged_package() as src, contextlib.chdir(src):
+        zips = package_local_env_into_zips(output_dir, skip_site_packages=True, create_zips=write)
+    return [Path(z) for group in zips for z in group]
+
+
+def define_manifest(conn: Connection, manifest: GenevaManifest) -> None:
+    """Upload the staged package and upsert the manifest under its name."""
+    # geneva 0.17 marks define_manifest deprecated, but conn.context(manifest=NAME), the
+    # flow this manifest is for, loads manifests that define_manifest stored.
+    with (
+        staged_package() as src,
+        contextlib.chdir(src),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", "Connection.define_manifest", DeprecationWarning)
+        logger.info("uploading %s, defining manifest %r", Path(vu.__file__).name, manifest.name)
+        conn.define_manifest(manifest.name, manifest)
+
+
+# --- the table --------------------------------------------------------------------------
+
+
+def connect(bucket: str) -> Connection:
+    """Connect to the Geneva database at ``bucket``, or fail with one line if it cannot
+    be listed. A local directory must exist already: ``geneva.connect`` would create it."""
+    import geneva
+
+    local = bucket.removeprefix("file://")
+    if "://" not in local and not Path(local).is_dir():
+        raise SetupError(f"cannot reach {bucket}: no such directory")
+    logger.info("listing the tables in %s", bucket)
+    try:
+        conn = geneva.connect(bucket)
+        conn.list_tables(limit=1)
+    except Exception as e:  # whatever the store raised, the database cannot be read
+        raise SetupError(f"cannot reach {bucket}: {_one_line(e)}") from e
+    return conn
+
+
+def open_table(conn: Connection, name: str, settings: vu.Settings) -> Table:
+    """The table to add the column to, which must hold the URL column."""
+    from lance_namespace.errors import TableNotFoundError
+
+    try:
+        tbl = conn.open_table(name)
+    except TableNotFoundError as e:
+        raise SetupError(f"table {name!r} does not exist in {conn.uri}") from e
+    if settings.video_uri_col not in tbl.schema.names:
+        raise SetupError(
+            f"table {name!r} has no column {settings.video_uri_col!r} to read video URLs "
+            "from (set VIDEO_URI_COL to the column that holds them)"
+        )
+    return tbl
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one run does, from the command line and the environment."""
+
+    bucket: str
+    table: str
+    manifest_name: str
+    image: str | None
+    dry_run: bool
+    zip_output_dir: Path | None
+    """Where a dry run writes the zip; None writes none."""
+
+
+def describe(manifest: GenevaManifest, zips: list[Path]) -> list[str]:
+    """The lines that say what the manifest holds."""
+    if manifest.conda:
+        *conda, pip = manifest.conda["dependencies"]
+        channels = ", ".join(manifest.conda["channels"])
+        lines = [f"  conda environment ({channels}): {', '.join(conda)}"]
+        lines.append("  pip packages, at their uv.lock versions:")
+        lines += [f"    {requirement}" for requirement in pip["pip"]]
+    else:
+        lines = [f"  image of the head and the workers: {manifest.worker_image} (no conda)"]
+    return lines + [f"  zip {z.name}: {Path(vu.__file__).name}" for z in zips]
+
+
+def run(request: Request, settings: vu.Settings) -> None:
+    """Check the bucket, the table and the settings, then define the manifest and add the
+    column; or, on a dry run, print what would be done and write nothing."""
+    conn = connect(request.bucket)
+    tbl = open_table(conn, request.table, settings)
+    manifest = build_manifest(request.manifest_name, image=request.image)
+    column, has_column = settings.embedding_col, settings.embedding_col in tbl.schema.names
+    exists = f"table {request.table!r} already has column {column!r}"
+    add = f"column {column!r} to table {request.table!r}: VideoEmbedding on "
+    add += repr(settings.video_uri_col)
+
+    if request.dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = request.zip_output_dir
+            zips = package_zips(out or Path(tmp), write=out is not None)
+        print("dry run: nothing is written to the database")
+        print(f"manifest {manifest.name!r} for {request.bucket}:")
+        print("\n".join(describe(manifest, zips)))
+        if out is not None:
+            print(f"wrote {', '.join(str(z) for z in zips)}")
+        print(f"{exists}: it would be left as it is" if has_column else f"would add {add}")
+        return
+
+    define_manifest(conn, manifest)
+    stored = next(m for m in conn.list_manifests() if m.name == manifest.name)
+    print(f"defined manifest {manifest.name!r} in {request.bucket}:")
+    print("\n".join(describe(stored, [Path(z) for group in stored.zips for z in group])))
+    if has_column:
+        print(f"{exists}: left as it is")
+        return
+    logger.info("adding column %r to table %r", column, request.table)
+    tbl.add_columns(vu.embedding_column(settings))
+    print(f"added {add}")
+
+
+def gpu_cluster(
+    name: str = "gpu-cluster",
+    *,
+    namespace: str,
+    image: str | None = None,
+    gpus_per_worker: int = 1,
+    workers: int = 1,
+) -> GenevaCluster:
+    """A KubeRay cluster definition for ``conn.define_cluster``: one GPU worker group of
+    at most ``workers`` pods, each with ``gpus_per_worker`` GPUs and, per GPU,
+    ``CPUS_PER_GPU`` CPUs and ``MEMORY_GIB_PER_GPU`` GiB. ``image`` (head and workers)
+    defaults to Ray's image for this Ray and Python."""
+    from geneva.cluster.builder import KubeRayClusterBuilder
+
+    worker = (
+        KubeRayClusterBuilder.gpu_worker(gpus_per_worker)
+        .cpus(CPUS_PER_GPU * gpus_per_worker)
+        .memory(f"{MEMORY_GIB_PER_GPU * gpus_per_worker}Gi")
+        .replicas(workers)
+        .max_replicas(workers)
+    )
+    cluster = KubeRayClusterBuilder.create(name).namespace(namespace)
+    if image:
+        worker = worker.image(image)
+        cluster = cluster.head_group(image=image)
+    return cluster.add_worker_group(worker.build()).build()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Environment: GENEVA_TABLE_NAME (required) names the table; the UDF's own "
+        "settings (VIDEO_URI_COL, VIDEO_EMBEDDING_COL, VJEPA_MODEL, ...) are read as in "
+        "video_embeddings_udf and frozen into the column.",
+    )
+    parser.add_argument(
+        "--bucket",
+        required=True,
+        help="the Geneva database: gs://bucket/path, s3://..., or a local directory",
+    )
+    parser.add_argument(
+        "--manifest-name",
+        default=DEFAULT_MANIFEST_NAME,
+        help="name to store the manifest under, for conn.context(manifest=...) "
+        f"(default: {DEFAULT_MANIFEST_NAME})",
+    )
+    parser.add_argument(
+        "--image",
+        help="a container image with FFmpeg and the Python stack baked in: head and "
+        "workers run it, and the manifest has no conda environment",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the bucket and the table, print what would be uploaded and added, "
+        "and write nothing to the database",
+    )
+    parser.add_argument(
+        "--generate-zip",
+        action="store_true",
+        help="with --dry-run: also write the zip that would be uploaded to "
+        "--zip-output-dir, to inspect it",
+    )
+    parser.add_argument(
+        "--zip-output-dir",
+        type=Path,
+        default=Path(".geneva"),
+        help="where --generate-zip writes the zip (default: .geneva)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log each step, Geneva's included")
+    args = parser.parse_args(argv)
+    if args.generate_zip and not args.dry_run:
+        parser.error("--generate-zip only applies with --dry-run")
+    return args
+
+
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Parse the arguments, read the environment once, and run; bad input is one line on
+    stderr and exit status 1."""
+    args = parse_args(argv)
+    env = dict(os.environ) if environ is None else environ
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        table = env.get("GENEVA_TABLE_NAME")
+        if not table:
+            raise SetupError(
+                "GENEVA_TABLE_NAME is not set: export the name of the table to add the column to"
+            )
+        try:
+            settings = vu.Settings.from_env(env)
+        except ValueError as e:
+            raise SetupError(str(e)) from e
+        request = Request(
+            bucket=args.bucket,
+            table=table,
+            manifest_name=args.manifest_name,
+            image=args.image,
+            dry_run=args.dry_run,
+            zip_output_dir=args.zip_output_dir if args.generate_zip else None,
+        )
+        run(request, settings)
+    except SetupError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
