@@ -1,0 +1,888 @@
+"""The main job for a person: ``video-embeddings index`` embeds a folder or bucket of videos
+into a LanceDB table through a Geneva backfill, and ``video-embeddings search`` ranks the
+table against a video and draws a contact sheet of the hits.
+
+    video-embeddings index SOURCE... --db DIR [--table videos] [--build-index]
+    video-embeddings search (QUERY | --row N) --db DIR [-k 10] [--aggregate mean]
+                            [--sheet out.png | out.html] [--json]
+
+The module is laid out in the order of the job: find the videos, fill the table (with
+progress), then search, then draw the sheet. ``main`` only parses arguments, configures
+logging and prints; the functions above it do the work and are what the tests call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from geneva import udf
+
+from video_embeddings_udf import (
+    EMBEDDING_DIM,
+    Settings,
+    VideoEmbedding,
+    aggregate_max,
+    aggregate_mean,
+    aggregate_segment,
+    aggregate_weighted,
+    embedding_column,
+)
+
+if TYPE_CHECKING:
+    import geneva.db
+    import geneva.table
+    import lance
+    from PIL import Image
+
+__all__ = [
+    "ANN_MIN_ROWS",
+    "CliError",
+    "Found",
+    "Hit",
+    "IndexSummary",
+    "SearchResult",
+    "find_videos",
+    "index",
+    "late_interaction",
+    "main",
+    "search",
+    "write_sheet",
+]
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
+
+ANN_MIN_ROWS = 5_000
+"""From this many rows, ``index`` builds an ANN index on the mean-vector column. Below it an
+exact scan reads every embedding per search (5,000 videos of 64 rows are 1.25 GiB), which
+takes seconds; past it, search asks the index for candidates and ranks only those."""
+
+ANN_CANDIDATES = 100
+"""At least this many candidates (10 x k when larger) come from the ANN index before they
+are ranked exactly by the chosen aggregation."""
+
+SETTINGS_KEY = "video_embeddings.settings"
+"""Schema metadata key holding the settings the table's embedding column was added with."""
+
+MEAN_SUFFIX = "_mean"
+"""The mean-vector column is the embedding column's name plus this suffix."""
+
+VECTOR_TYPE = pa.list_(pa.float32(), EMBEDDING_DIM)
+PROGRESS_INTERVAL_S = 2.0
+PROGRESS_QUIET_S = 30.0
+
+Aggregate = Literal["mean", "max", "weighted", "segment", "none"]
+AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": aggregate_mean,
+    "max": aggregate_max,
+    "weighted": aggregate_weighted,
+    "segment": aggregate_segment,
+}
+
+
+class CliError(Exception):
+    """A failure the user can act on; ``main`` prints it as one line and exits with 1."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# --- find the videos --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    videos: dict[str, int]
+    """URL (or absolute local path) → size in bytes, from the listing."""
+    skipped: int
+    """Files under the sources without a video extension."""
+
+
+def find_videos(sources: list[str]) -> Found:
+    """Every file with a video extension under each folder, glob, file or URL prefix
+    (``gs://bucket/videos/``), with its size from the listing, and how many other files
+    were skipped. Local paths come back absolute, without ``file://``."""
+    videos: dict[str, int] = {}
+    skipped = 0
+    for source in sources:
+        if "://" not in source:
+            source = os.path.abspath(source)  # symlinks kept: the URL is the path given
+        fs, path = fsspec.core.url_to_fs(source)
+        if fs.isdir(path):
+            entries = fs.find(path, detail=True)
+        elif any(c in path for c in "*?["):
+            entries = fs.glob(path, detail=True)
+        elif fs.exists(path):
+            entries = {path: fs.info(path)}
+        else:
+            logger.warning("%s does not exist", source)
+            entries = {}
+        for name, info in sorted(entries.items()):
+            if info.get("type") == "directory":
+                continue
+            if name.lower().endswith(VIDEO_EXTENSIONS):
+                videos[fs.unstrip_protocol(name).removeprefix("file://")] = int(info["size"])
+            else:
+                skipped += 1
+    return Found(videos, skipped)
+
+
+# --- the table --------------------------------------------------------------------------
+
+
+def _check_db(path: str, *, for_search: bool) -> None:
+    """A local ``--db`` must be a LanceDB directory; ``index`` may also create one in a new
+    or empty directory, but never writes tables into a folder of other files."""
+    if "://" in path:
+        return
+    p = Path(path)
+    if not p.exists() and not for_search:
+        return
+    if p.is_dir() and any(p.glob("*.lance")):
+        return
+    if p.is_dir() and not for_search and not any(p.iterdir()):
+        return
+    raise CliError(f"--db {path} is not a LanceDB directory")
+
+
+def _stored_settings(ds: lance.LanceDataset) -> Settings | None:
+    raw = (ds.schema.metadata or {}).get(SETTINGS_KEY.encode())
+    if raw is None:
+        return None
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: v for k, v in json.loads(raw).items() if k in names})
+
+
+def _table_schema(settings: Settings) -> pa.Schema:
+    """One row per video: its URL and size; the settings ride along as schema metadata so
+    that search embeds a query exactly as the table's videos were."""
+    return pa.schema(
+        [(settings.video_uri_col, pa.string()), ("size_bytes", pa.int64())],
+        metadata={SETTINGS_KEY: json.dumps(dataclasses.asdict(settings))},
+    )
+
+
+def _mean_vector(video_embedding: pa.Array) -> pa.Array:
+    """Geneva batch UDF body: each video's ``aggregate_mean`` vector, the zero vector for
+    the zero tensor of a video that could not be processed."""
+    return pa.array([aggregate_mean(m) for m in _matrices(video_embedding)], type=VECTOR_TYPE)
+
+
+MEAN_VECTOR = udf(data_type=VECTOR_TYPE, num_cpus=1)(_mean_vector)
+"""The mean-vector column's UDF: cheap, so the CPU suffices wherever the job runs."""
+
+
+def _matrices(column: pa.Array) -> list[np.ndarray]:
+    """A ``list<fixed_size_list<float32, 1024>>`` column (no nulls) → one ``(rows, 1024)``
+    float32 matrix per value, sharing the column's memory."""
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
+    starts = offsets - offsets[0]
+    return [values[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def _uris(ds: lance.LanceDataset, column: str, where: str | None = None) -> list[str]:
+    return ds.to_table(columns=[column], filter=where).column(column).to_pylist()
+
+
+def _has_ann_index(ds: lance.LanceDataset, column: str) -> bool:
+    return any(column in d.field_names for d in ds.describe_indices())
+
+
+def _build_ann_index(ds: lance.LanceDataset, column: str) -> None:
+    """IVF_HNSW_SQ with cosine distance: it trains on any number of rows (IVF_PQ needs
+    256), with lance's usual sqrt(rows) partitions."""
+    partitions = max(1, round(math.sqrt(ds.count_rows())))
+    logger.info("building the ANN index on %s (%d partitions)", column, partitions)
+    ds.create_index(
+        column, index_type="IVF_HNSW_SQ", metric="cosine", num_partitions=partitions, replace=True
+    )
+
+
+# --- index, with progress ---------------------------------------------------------------
+
+
+@dataclass
+class IndexSummary:
+    found: int
+    skipped: int
+    already_indexed: int
+    added: int
+    embedded: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    """URL → reason, for the videos of this run that got the zero tensor."""
+    rows: int = 0
+    ann_index: bool = False
+    seconds: float = 0.0
+
+
+def _check_model(model: str) -> None:
+    """Fail in seconds, before a long job, when the checkpoint cannot even be found."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise CliError(
+            f"cannot load the model {model!r} ({_one_line(e)}); point VJEPA_MODEL at a "
+            "local checkpoint directory, e.g. VJEPA_MODEL=/path/to/vjepa2-checkpoint"
+        ) from e
+
+
+def _local_resources() -> dict[str, Any]:
+    """Backfill options for local Ray: without CUDA, no GPU reservation (or Ray would wait
+    forever) and one applier, since torch already spreads one clip over every core; with
+    CUDA, one applier per GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"num_gpus": 0, "concurrency": 1}
+    return {"concurrency": torch.cuda.device_count()}
+
+
+class _Progress:
+    """Reports a backfill on stderr: videos done of total, videos/s, failures so far; a
+    line whenever a count moves, and at least every ``PROGRESS_QUIET_S``.
+
+    Done counts come from Geneva's job tracker (rows checkpointed). Failures so far are
+    the rows Geneva has given up on (``rows_skipped_on_error``): the zero tensor of a bad
+    video is an ordinary result that becomes visible when the job commits, and ``index``
+    counts those then (the worker's log line with the reason shows on stderr at once)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.monotonic()
+        self.done = 0
+        self.failed = 0
+        self._reported: tuple[int, int, float] | None = None
+
+    def update(self, snapshot: dict[str, dict[str, Any]]) -> None:
+        rows = snapshot.get("rows_checkpointed", {})
+        earlier = max(0, int(rows.get("total", 0)) - self.total)  # done by earlier runs
+        self.done = min(self.total, max(self.done, int(rows.get("n", 0)) - earlier))
+        self.failed = int(snapshot.get("rows_skipped_on_error", {}).get("n", 0))
+
+    def report(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self._reported is not None and not final:
+            done, failed, at = self._reported
+            if (done, failed) == (self.done, self.failed) and now - at < PROGRESS_QUIET_S:
+                return
+        self._reported = (self.done, self.failed, now)
+        elapsed = now - self.start
+        logger.info(
+            "embedding: %d/%d videos, %.2f videos/s, %d failures so far, %.0f s",
+            self.done,
+            self.total,
+            self.done / elapsed if elapsed > 0 else 0.0,
+            self.failed,
+            elapsed,
+        )
+
+
+def _backfill(
+    tbl: geneva.table.Table, column: str, options: dict[str, Any], progress: _Progress | None
+) -> None:
+    """Run Geneva's backfill of ``column`` (the rows where it is null) and wait for it,
+    polling the job tracker for progress instead of drawing Geneva's own multi-line bars."""
+    import ray
+
+    future = tbl.backfill_async(column, **options).future
+    while True:
+        finished = bool(ray.wait([future.ray_obj_ref], timeout=PROGRESS_INTERVAL_S)[0])
+        if progress is not None and future.job_tracker is not None:
+            try:
+                snapshot = ray.get(future.job_tracker.get_all.remote(), timeout=5)
+            except ray.exceptions.GetTimeoutError:
+                continue
+            progress.update(snapshot)
+            progress.report(final=finished)
+        if finished:
+            break
+    try:
+        ray.get(future.ray_obj_ref)
+    except Exception as e:
+        raise CliError(f"the backfill of {column} failed: {_one_line(e)}") from e
+    tbl.checkout_latest()
+
+
+def _run_on(
+    db: geneva.db.Connection, cluster: str | None, manifest: str | None
+) -> AbstractContextManager[Any]:
+    """Where the backfills run: a defined Geneva cluster, or local Ray."""
+    return db.context(cluster=cluster, manifest=manifest) if cluster else nullcontext()
+
+
+def _existing_table(db_path: str, table: str) -> geneva.table.Table | None:
+    """The table if it exists; connecting never creates a directory that is not there."""
+    import geneva
+
+    if "://" not in db_path and not Path(db_path).exists():
+        return None
+    db = geneva.connect(db_path)
+    return db.open_table(table) if table in db.table_names() else None
+
+
+def _failure_reason(uri: str) -> str:
+    """Why a video got the zero tensor, found again on this machine by decoding it: the
+    UDF logs its own reason on the worker that ran it."""
+    try:
+        read_thumbnails(uri, 1)
+    except Undecodable as e:
+        return str(e)
+    return "the embedding job returned the zero tensor (see the worker logs)"
+
+
+def index(
+    sources: list[str],
+    *,
+    db_path: str,
+    table: str = "videos",
+    cluster: str | None = None,
+    manifest: str | None = None,
+    build_index: bool = False,
+) -> IndexSummary:
+    """Add the videos under ``sources`` that the table lacks, embed every row that has no
+    embedding yet through a Geneva backfill (local Ray, or ``cluster``), fill the
+    mean-vector column, and build the ANN index past ``ANN_MIN_ROWS`` or when asked."""
+    import geneva
+
+    start = time.monotonic()
+    found = find_videos(sources)
+    if not found.videos:
+        raise CliError(
+            f"no videos found under {' '.join(sources)} (looked for "
+            f"{', '.join(VIDEO_EXTENSIONS)}; skipped {found.skipped} other files)"
+        )
+    _check_db(db_path, for_search=False)
+    tbl = _existing_table(db_path, table)
+    settings = (tbl and _stored_settings(tbl.to_lance())) or Settings.from_env()
+    uri_col, emb_col = settings.video_uri_col, settings.embedding_col
+    mean_col = emb_col + MEAN_SUFFIX
+
+    names = tbl.schema.names if tbl else []
+    indexed = set(_uris(tbl.to_lance(), uri_col)) if tbl else set()
+    new = {u: size for u, size in found.videos.items() if u not in indexed}
+    pending = set(new)
+    if tbl and emb_col in names:
+        pending |= set(_uris(tbl.to_lance(), uri_col, f"{emb_col} IS NULL"))
+    if pending and cluster is None:
+        _check_model(settings.model)  # before anything is written
+
+    db = geneva.connect(db_path)
+    if tbl is None:
+        tbl = db.create_table(table, schema=_table_schema(settings))
+    if new:
+        tbl.add(
+            pa.table(
+                {uri_col: list(new), "size_bytes": list(new.values())},
+                schema=_table_schema(settings),
+            )
+        )
+        logger.info("added %d new videos to table %s", len(new), table)
+    if emb_col not in tbl.schema.names:
+        tbl.add_columns(embedding_column(settings))
+    if mean_col not in tbl.schema.names:
+        tbl.add_columns({mean_col: (MEAN_VECTOR, [emb_col])})
+    if pending or tbl.count_rows(f"{mean_col} IS NULL"):
+        with _run_on(db, cluster, manifest):
+            options = {} if cluster else _local_resources()
+            if pending:
+                _backfill(tbl, emb_col, options, _Progress(len(pending)))
+            _backfill(tbl, mean_col, options, None)
+
+    summary = IndexSummary(len(found.videos), found.skipped, len(found.videos) - len(new), len(new))
+    ds = tbl.to_lance()
+    vectors = ds.to_table(columns=[uri_col, mean_col], filter=f"{mean_col} IS NOT NULL")
+    for uri, vector in zip(vectors[uri_col].to_pylist(), _vectors(vectors[mean_col]), strict=True):
+        if uri in pending and not vector.any():
+            summary.failures[uri] = _failure_reason(uri)
+    summary.embedded = len(pending) - len(summary.failures)
+    summary.rows = ds.count_rows()
+    if build_index or (
+        summary.rows >= ANN_MIN_ROWS and (pending or not _has_ann_index(ds, mean_col))
+    ):
+        _build_ann_index(ds, mean_col)
+    summary.ann_index = _has_ann_index(ds, mean_col)  # create_index updates ds
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list vector column → ``(rows, 1024)`` float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
+
+
+# --- search -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    row: int
+    uri: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query_uri: str
+    query_row: int | None
+    aggregate: str
+    ann: bool
+    """Whether candidates came from the ANN index (else every row was scored)."""
+    hits: list[Hit]
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+
+
+def late_interaction(query: np.ndarray, rows: np.ndarray) -> float:
+    """Multivector score (MaxSim): for each query row, the best cosine with any of the
+    video's rows, averaged over the query rows; 1.0 for the video itself."""
+    return float((_unit_rows(query) @ _unit_rows(rows).T).max(axis=1).mean())
+
+
+def _scorer(query: np.ndarray, aggregate: str) -> Callable[[np.ndarray], float]:
+    """Score a video's rows against the query: cosine of the two aggregated vectors (each
+    already L2-normalised by its helper), or late interaction for ``none``."""
+    if aggregate == "none":
+        return lambda rows: late_interaction(query, rows)
+    agg = AGGREGATES[aggregate]
+    target = agg(query)
+    return lambda rows: float(agg(rows) @ target)
+
+
+def _embed_query(uri: str, settings: Settings) -> np.ndarray:
+    """The query video's rows, ``(frames, 1024)`` float32, computed by the table's own UDF
+    with the table's settings (the zero tensor when the UDF cannot process it). The one
+    place this module calls the UDF."""
+    udf_instance = VideoEmbedding(settings).func  # type: ignore[attr-defined]
+    return np.asarray(udf_instance(uri), dtype=np.float32)
+
+
+def _query_settings(ds: lance.LanceDataset) -> Settings:
+    """The table's settings; ``VJEPA_MODEL``, when set, says where to load that model
+    from on this machine (a local copy of the checkpoint the table was indexed with)."""
+    env = Settings.from_env()
+    stored = _stored_settings(ds)
+    if stored is None:
+        logger.warning("the table has no stored settings; using the environment's")
+        return env
+    if env.model != Settings.model:
+        return dataclasses.replace(stored, model=env.model)
+    return stored
+
+
+def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tuple[str, np.ndarray]:
+    total = ds.count_rows()
+    if not 0 <= row < total:
+        raise CliError(f"--row {row} is out of range: the table has rows 0 to {total - 1}")
+    value = ds.take([row], columns=[settings.video_uri_col, settings.embedding_col])
+    uri = value[settings.video_uri_col][0].as_py()
+    if not value[settings.embedding_col].is_valid()[0].as_py():
+        raise CliError(f"row {row} ({uri}) has no embedding yet; run video-embeddings index")
+    matrix = _matrices(value[settings.embedding_col].combine_chunks())[0]
+    if not matrix.any():
+        raise CliError(f"row {row} ({uri}) could not be embedded (it has the zero tensor)")
+    return uri, matrix
+
+
+def _query_from_uri(uri: str, settings: Settings) -> tuple[str, np.ndarray]:
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    try:
+        read_thumbnails(uri, 1)
+    except Undecodable as e:
+        raise CliError(f"cannot decode the query video {uri}: {e}") from e
+    _check_model(settings.model)
+    matrix = _embed_query(uri, settings)
+    if not matrix.any():
+        raise CliError(f"cannot decode the query video {uri}: the model got no frames from it")
+    return uri, matrix
+
+
+def _candidates(
+    ds: lance.LanceDataset, settings: Settings, query: np.ndarray, k: int, ann: bool
+) -> Iterator[pa.RecordBatch]:
+    """Batches of (URL, embedding, row) to score: the ANN index's nearest mean vectors,
+    or every embedded row."""
+    uri_col, emb_col = settings.video_uri_col, settings.embedding_col
+    columns = [uri_col, emb_col, "_rowoffset"]
+    if ann:
+        nearest = {
+            "column": emb_col + MEAN_SUFFIX,
+            "q": aggregate_mean(query),
+            "k": max(10 * k, ANN_CANDIDATES),
+            "metric": "cosine",
+        }
+        yield from ds.to_table(nearest=nearest, columns=[*columns, "_distance"]).to_batches()
+    else:
+        yield from ds.to_batches(columns=columns, filter=f"{emb_col} IS NOT NULL")
+
+
+def search(
+    db_path: str,
+    *,
+    table: str = "videos",
+    query_uri: str | None = None,
+    query_row: int | None = None,
+    k: int = 10,
+    aggregate: str = "mean",
+) -> SearchResult:
+    """Rank the table's videos against a query video (a URL embedded with the table's
+    settings, or a row of the table) by the cosine of the chosen aggregation, or by late
+    interaction for ``none``. Rows with the zero tensor are never hits."""
+    import lancedb
+
+    _check_db(db_path, for_search=True)
+    try:
+        ds = lancedb.connect(db_path).open_table(table).to_lance()
+    except ValueError as e:
+        raise CliError(f"no table {table!r} in {db_path}; run video-embeddings index") from e
+    settings = _query_settings(ds)
+    if query_row is not None:
+        uri, query = _query_from_row(ds, settings, query_row)
+    else:
+        assert query_uri is not None
+        uri, query = _query_from_uri(query_uri, settings)
+
+    score = _scorer(query, aggregate)
+    ann = _has_ann_index(ds, settings.embedding_col + MEAN_SUFFIX)
+    scored: list[tuple[float, int, str]] = []
+    for batch in _candidates(ds, settings, query, k, ann):
+        uris = batch.column(settings.video_uri_col).to_pylist()
+        rows = batch.column("_rowoffset").to_pylist()
+        for u, r, matrix in zip(
+            uris, rows, _matrices(batch.column(settings.embedding_col)), strict=True
+        ):
+            if matrix.any():  # the zero tensor of a bad video is never a hit
+                scored.append((score(matrix), r, u))
+    scored.sort(key=lambda s: (-s[0], s[1] != query_row, s[1]))  # ties: the query's own row first
+    hits = [Hit(i + 1, s, r, u) for i, (s, r, u) in enumerate(scored[:k])]
+    return SearchResult(uri, query_row, aggregate, ann, hits)
+
+
+# --- contact sheet ----------------------------------------------------------------------
+
+THUMBNAILS = 4
+"""Frames per strip, spread from the first to the last frame of the video."""
+THUMB_W, THUMB_H = 160, 90
+LABEL_W = 320
+PAD = 8
+STRIP_H = THUMB_H + 2 * PAD
+SHEET_W = LABEL_W + THUMBNAILS * (THUMB_W + PAD) + PAD
+QUERY_BG = (46, 64, 96)
+HIT_BG = (32, 32, 32)
+TEXT = (235, 235, 235)
+DIM = (150, 150, 150)
+
+
+class Undecodable(Exception):
+    """A video whose frames cannot be read; the message is the one-line reason."""
+
+
+def read_thumbnails(uri: str, count: int = THUMBNAILS) -> list[Image.Image]:
+    """``count`` frames spread across the video, RGB, each scaled to fit THUMB_W x THUMB_H.
+    Raises ``Undecodable`` with the reason when the video cannot be read."""
+    from PIL import Image
+    from torchcodec.decoders import VideoDecoder
+
+    try:
+        with fsspec.open(uri, "rb") as file:
+            decoder = VideoDecoder(file, seek_mode="exact")
+            num_frames = decoder.metadata.num_frames or 0
+            if num_frames < 1:
+                raise Undecodable("video stream has no frames")
+            indices = np.round(np.linspace(0, num_frames - 1, count)).astype(int).tolist()
+            frames = decoder.get_frames_at(indices).data.permute(0, 2, 3, 1).numpy()
+    except FileNotFoundError as e:
+        raise Undecodable("object does not exist") from e
+    except (ValueError, RuntimeError) as e:
+        raise Undecodable(_one_line(e)) from e
+    images = []
+    for frame in frames:
+        image = Image.fromarray(frame)
+        image.thumbnail((THUMB_W, THUMB_H))
+        images.append(image)
+    return images
+
+
+@dataclass(frozen=True)
+class _Strip:
+    title: str
+    uri: str
+    thumbnails: list[Image.Image]
+    note: str = ""
+
+
+def _strips(result: SearchResult) -> list[_Strip]:
+    """The query's strip, then one per hit; a hit that cannot be read any more (deleted
+    since indexing) gets an empty strip with the reason instead of failing the sheet."""
+    entries = [("query", result.query_uri)]
+    entries += [(f"#{h.rank}  score {h.score:.4f}", h.uri) for h in result.hits]
+    strips = []
+    for title, uri in entries:
+        try:
+            strips.append(_Strip(title, uri, read_thumbnails(uri)))
+        except Undecodable as e:
+            strips.append(_Strip(title, uri, [], f"unreadable: {e}"))
+    return strips
+
+
+def _name_and_folder(uri: str) -> tuple[str, str]:
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    return name, folder
+
+
+def _draw_png(strips: list[_Strip], path: Path) -> None:
+    """One STRIP_H-high strip per entry, query first: on the left its rank and score, the
+    video's name and its folder; then the thumbnails letterboxed into THUMB_W x THUMB_H
+    cells."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    sheet = Image.new("RGB", (SHEET_W, STRIP_H * len(strips)), HIT_BG)
+    draw = ImageDraw.Draw(sheet)
+    big, small = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
+    for i, strip in enumerate(strips):
+        top = i * STRIP_H
+        draw.rectangle(
+            [0, top, SHEET_W - 1, top + STRIP_H - 1], fill=QUERY_BG if i == 0 else HIT_BG
+        )
+        name, folder = _name_and_folder(strip.uri)
+        lines = [(strip.title, big, TEXT), (_fit(name), small, TEXT), (_fit(folder), small, DIM)]
+        if strip.note:
+            lines.append((_fit(strip.note), small, TEXT))
+        y = top + PAD
+        for text, font, colour in lines:
+            draw.text((PAD, y), text, fill=colour, font=font)
+            y += 22 if font is big else 18
+        for j, thumb in enumerate(strip.thumbnails):
+            left = LABEL_W + PAD + j * (THUMB_W + PAD)
+            draw.rectangle([left, top + PAD, left + THUMB_W - 1, top + PAD + THUMB_H - 1], fill=0)
+            offset = ((THUMB_W - thumb.width) // 2, (THUMB_H - thumb.height) // 2)
+            sheet.paste(thumb, (left + offset[0], top + PAD + offset[1]))
+        draw.line([0, top + STRIP_H - 1, SHEET_W, top + STRIP_H - 1], fill=DIM)
+    sheet.save(path, format="PNG")
+
+
+def _fit(text: str, width: int = 46) -> str:
+    """Keep the end of a long label, where the distinguishing part of a path is."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+HTML_STYLE = """
+body { background: #202020; color: #ebebeb; font: 14px sans-serif; margin: 0; }
+.strip { display: flex; align-items: center; gap: 8px; padding: 8px;
+         border-bottom: 1px solid #505050; }
+.strip.query { background: #2e4060; }
+.label { width: 304px; flex: none; overflow-wrap: anywhere; }
+.title { font-size: 16px; font-weight: bold; }
+.folder { color: #969696; font-size: 12px; }
+.cell { width: 160px; height: 90px; background: #000; display: flex;
+        align-items: center; justify-content: center; }
+"""
+
+
+def _write_html(strips: list[_Strip], path: Path) -> None:
+    """The same strips as a self-contained page: thumbnails inlined as data URIs, no
+    scripts, no external resources."""
+    body = []
+    for i, strip in enumerate(strips):
+        name, folder = _name_and_folder(strip.uri)
+        cells = "".join(
+            f'<div class="cell"><img src="{_data_uri(t)}" alt="frame {j + 1}"></div>'
+            for j, t in enumerate(strip.thumbnails)
+        )
+        note = f"<div>{html.escape(strip.note)}</div>" if strip.note else ""
+        body.append(
+            f'<div class="strip{" query" if i == 0 else ""}"><div class="label">'
+            f'<div class="title">{html.escape(strip.title)}</div>'
+            f"<div>{html.escape(name)}</div>"
+            f'<div class="folder">{html.escape(folder)}</div>'
+            f"{note}</div>{cells}</div>"
+        )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>video-embeddings: {html.escape(_name_and_folder(strips[0].uri)[0])}</title>"
+        f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    path.write_text(page, encoding="utf-8")
+
+
+def write_sheet(result: SearchResult, path: Path) -> None:
+    """The contact sheet of a search, as PNG or HTML by ``path``'s suffix: the query's
+    strip on top, then one strip per hit with its rank, score and name."""
+    strips = _strips(result)
+    if path.suffix.lower() == ".html":
+        _write_html(strips, path)
+    else:
+        _draw_png(strips, path)
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def _sheet_path(value: str) -> Path:
+    if Path(value).suffix.lower() not in (".png", ".html"):
+        raise argparse.ArgumentTypeError(f"{value!r} must end in .png or .html")
+    return Path(value)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="video-embeddings",
+        description="Embed videos into a LanceDB table with V-JEPA2, and search it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "index",
+        help="embed the videos under each SOURCE into a table",
+        description="Add the videos under each SOURCE that the table lacks, then embed "
+        "every row without an embedding through a Geneva backfill (local Ray unless "
+        f"--cluster). Builds an ANN index from {ANN_MIN_ROWS} rows, or with --build-index.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder, glob, file or URL prefix")
+    p.add_argument("--db", required=True, help="LanceDB directory (created if missing)")
+    p.add_argument("--table", default="videos", help="table name (default: videos)")
+    p.add_argument("--cluster", help="run the backfill on this defined Geneva cluster")
+    p.add_argument("--manifest", help="Geneva manifest for --cluster")
+    p.add_argument("--build-index", action="store_true", help="build the ANN index now")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    s = commands.add_parser(
+        "search",
+        help="rank the table's videos against a query video",
+        description="Rank the table's videos by cosine similarity to a query video (a "
+        "URL, embedded with the table's settings, or --row N), optionally drawing a "
+        "contact sheet of the hits.",
+    )
+    query = s.add_mutually_exclusive_group(required=True)
+    query.add_argument("query", nargs="?", metavar="QUERY", help="URL or path of a video")
+    query.add_argument("--row", type=int, help="use the video in this row (0-based) instead")
+    s.add_argument("--db", required=True, help="LanceDB directory made by index")
+    s.add_argument("--table", default="videos", help="table name (default: videos)")
+    s.add_argument("-k", type=_positive, default=10, help="number of hits (default: 10)")
+    s.add_argument(
+        "--aggregate",
+        choices=get_args(Aggregate),
+        default="mean",
+        help="how a video's rows become one vector, or none for late interaction",
+    )
+    s.add_argument("--sheet", type=_sheet_path, help="write a contact sheet (.png or .html)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def _print_summary(summary: IndexSummary, db: str, table: str) -> None:
+    print(f"indexed {summary.found} videos into {db} (table {table}) in {summary.seconds:.1f} s")
+    print(f"  embedded: {summary.embedded}")
+    print(f"  zero-tensor failures: {len(summary.failures)}")
+    for uri, reason in summary.failures.items():
+        print(f"    {uri}: {reason}")
+    print(f"  skipped: {summary.skipped} files without a video extension")
+    print(f"  already in the table: {summary.already_indexed}")
+    print(f"  rows: {summary.rows}, ANN index: {'yes' if summary.ann_index else 'no'}")
+
+
+def _print_hits(result: SearchResult) -> None:
+    row = f" (row {result.query_row})" if result.query_row is not None else ""
+    how = "ANN candidates" if result.ann else "every row"
+    print(f"query: {result.query_uri}{row}; aggregate: {result.aggregate}; scored: {how}")
+    print(f"{'rank':>4}  {'score':>7}  url")
+    for hit in result.hits:
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.uri}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logger.setLevel(logging.INFO)
+    try:
+        if args.command == "index":
+            if args.manifest and not args.cluster:
+                raise CliError("--manifest needs --cluster")
+            summary = index(
+                args.sources,
+                db_path=args.db,
+                table=args.table,
+                cluster=args.cluster,
+                manifest=args.manifest,
+                build_index=args.build_index,
+            )
+            if args.json:
+                print(json.dumps(dataclasses.asdict(summary), indent=2))
+            else:
+                _print_summary(summary, args.db, args.table)
+        else:
+            result = search(
+                args.db,
+                table=args.table,
+                query_uri=args.query,
+                query_row=args.row,
+                k=args.k,
+                aggregate=args.aggregate,
+            )
+            if args.sheet:
+                write_sheet(result, args.sheet)
+                logger.info("wrote the contact sheet %s", args.sheet)
+            if args.json:
+                print(
+                    json.dumps(
+                        {**dataclasses.asdict(result), "sheet": args.sheet and str(args.sheet)},
+                        indent=2,
+                    )
+                )
+            else:
+                _print_hits(result)
+    except CliError as e:
+        print(f"video-embeddings: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
