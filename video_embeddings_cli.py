@@ -3,21 +3,19 @@ into a LanceDB table through a Geneva backfill, and ``video-embeddings search`` 
 table against a video and draws a contact sheet of the hits.
 
     video-embeddings index SOURCE... --db DIR [--table videos] [--build-index]
+                           [--cluster NAME [--manifest NAME]] [--json]
     video-embeddings search (QUERY | --row N) --db DIR [-k 10] [--aggregate mean]
                             [--sheet out.png | out.html] [--json]
 
 The module is laid out in the order of the job: find the videos, fill the table (with
-progress), then search, then draw the sheet. ``main`` only parses arguments, configures
-logging and prints; the functions above it do the work and are what the tests call.
+progress), then search; ``video_embeddings_sheet`` draws the contact sheet. ``main`` only
+parses arguments, configures logging and prints; the functions above it do the work.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
-import html
-import io
 import json
 import logging
 import math
@@ -26,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -35,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 from geneva import udf
 
+from video_embeddings_sheet import Undecodable, draw_sheet, read_thumbnails
 from video_embeddings_udf import (
     EMBEDDING_DIM,
     Settings,
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
     import geneva.db
     import geneva.table
     import lance
-    from PIL import Image
 
 __all__ = [
     "ANN_MIN_ROWS",
@@ -223,18 +221,18 @@ def _build_ann_index(ds: lance.LanceDataset, column: str) -> None:
 # --- index, with progress ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class IndexSummary:
     found: int
     skipped: int
     already_indexed: int
     added: int
-    embedded: int = 0
-    failures: dict[str, str] = field(default_factory=dict)
+    embedded: int
+    failures: dict[str, str]
     """URL → reason, for the videos of this run that got the zero tensor."""
-    rows: int = 0
-    ann_index: bool = False
-    seconds: float = 0.0
+    rows: int
+    ann_index: bool
+    seconds: float
 
 
 def _check_model(model: str) -> None:
@@ -365,7 +363,7 @@ def index(
 ) -> IndexSummary:
     """Add the videos under ``sources`` that the table lacks, embed every row that has no
     embedding yet through a Geneva backfill (local Ray, or ``cluster``), fill the
-    mean-vector column, and build the ANN index past ``ANN_MIN_ROWS`` or when asked."""
+    mean-vector column, and keep the ANN index (past ``ANN_MIN_ROWS`` or when asked)."""
     import geneva
 
     start = time.monotonic()
@@ -377,16 +375,9 @@ def index(
         )
     _check_db(db_path, for_search=False)
     tbl = _existing_table(db_path, table)
-    settings = (tbl and _stored_settings(tbl.to_lance())) or Settings.from_env()
-    uri_col, emb_col = settings.video_uri_col, settings.embedding_col
-    mean_col = emb_col + MEAN_SUFFIX
-
-    names = tbl.schema.names if tbl else []
-    indexed = set(_uris(tbl.to_lance(), uri_col)) if tbl else set()
-    new = {u: size for u, size in found.videos.items() if u not in indexed}
-    pending = set(new)
-    if tbl and emb_col in names:
-        pending |= set(_uris(tbl.to_lance(), uri_col, f"{emb_col} IS NULL"))
+    stored = _stored_settings(tbl.to_lance()) if tbl is not None else None
+    settings = stored or Settings.from_env()
+    new, pending = _new_and_pending(tbl, settings, found.videos)
     if pending and cluster is None:
         _check_model(settings.model)  # before anything is written
 
@@ -394,39 +385,81 @@ def index(
     if tbl is None:
         tbl = db.create_table(table, schema=_table_schema(settings))
     if new:
-        tbl.add(
-            pa.table(
-                {uri_col: list(new), "size_bytes": list(new.values())},
-                schema=_table_schema(settings),
-            )
-        )
+        rows = {settings.video_uri_col: list(new), "size_bytes": list(new.values())}
+        tbl.add(pa.table(rows, schema=_table_schema(settings)))
         logger.info("added %d new videos to table %s", len(new), table)
-    if emb_col not in tbl.schema.names:
+    mean_col = settings.embedding_col + MEAN_SUFFIX
+    if settings.embedding_col not in tbl.schema.names:
         tbl.add_columns(embedding_column(settings))
     if mean_col not in tbl.schema.names:
-        tbl.add_columns({mean_col: (MEAN_VECTOR, [emb_col])})
+        tbl.add_columns({mean_col: (MEAN_VECTOR, [settings.embedding_col])})
     if pending or tbl.count_rows(f"{mean_col} IS NULL"):
         with _run_on(db, cluster, manifest):
             options = {} if cluster else _local_resources()
             if pending:
-                _backfill(tbl, emb_col, options, _Progress(len(pending)))
+                _backfill(tbl, settings.embedding_col, options, _Progress(len(pending)))
             _backfill(tbl, mean_col, options, None)
 
-    summary = IndexSummary(len(found.videos), found.skipped, len(found.videos) - len(new), len(new))
     ds = tbl.to_lance()
-    vectors = ds.to_table(columns=[uri_col, mean_col], filter=f"{mean_col} IS NOT NULL")
-    for uri, vector in zip(vectors[uri_col].to_pylist(), _vectors(vectors[mean_col]), strict=True):
-        if uri in pending and not vector.any():
-            summary.failures[uri] = _failure_reason(uri)
-    summary.embedded = len(pending) - len(summary.failures)
-    summary.rows = ds.count_rows()
-    if build_index or (
-        summary.rows >= ANN_MIN_ROWS and (pending or not _has_ann_index(ds, mean_col))
-    ):
+    failures = _zero_tensor_failures(ds, settings, pending)
+    if _wants_ann_index(ds, mean_col, build_index=build_index, changed=bool(pending)):
         _build_ann_index(ds, mean_col)
-    summary.ann_index = _has_ann_index(ds, mean_col)  # create_index updates ds
-    summary.seconds = time.monotonic() - start
-    return summary
+    return IndexSummary(
+        found=len(found.videos),
+        skipped=found.skipped,
+        already_indexed=len(found.videos) - len(new),
+        added=len(new),
+        embedded=len(pending) - len(failures),
+        failures=failures,
+        rows=ds.count_rows(),
+        ann_index=_has_ann_index(ds, mean_col),  # create_index updates ds
+        seconds=time.monotonic() - start,
+    )
+
+
+def _new_and_pending(
+    tbl: geneva.table.Table | None, settings: Settings, videos: dict[str, int]
+) -> tuple[dict[str, int], set[str]]:
+    """The found videos the table lacks, and every URL that will need embedding: those,
+    plus rows an earlier run left without an embedding."""
+    if tbl is None:
+        return videos, set(videos)
+    ds = tbl.to_lance()
+    indexed = set(_uris(ds, settings.video_uri_col))
+    new = {uri: size for uri, size in videos.items() if uri not in indexed}
+    pending = set(new)
+    if settings.embedding_col in ds.schema.names:
+        pending |= set(_uris(ds, settings.video_uri_col, f"{settings.embedding_col} IS NULL"))
+    return new, pending
+
+
+def _zero_tensor_failures(
+    ds: lance.LanceDataset, settings: Settings, pending: set[str]
+) -> dict[str, str]:
+    """URL → reason for each video of this run whose embedding is the zero tensor, found
+    by its zero mean vector (4 KiB a row to read instead of the whole embedding)."""
+    mean_col = settings.embedding_col + MEAN_SUFFIX
+    table = ds.to_table(
+        columns=[settings.video_uri_col, mean_col], filter=f"{mean_col} IS NOT NULL"
+    )
+    uris = table[settings.video_uri_col].to_pylist()
+    nonzero = np.asarray(_vectors(table[mean_col]).any(axis=1)).tolist()
+    return {
+        u: _failure_reason(u)
+        for u, ok in zip(uris, nonzero, strict=True)
+        if not ok and u in pending
+    }
+
+
+def _wants_ann_index(
+    ds: lance.LanceDataset, column: str, *, build_index: bool, changed: bool
+) -> bool:
+    """Build (or rebuild, to cover new rows) the ANN index when asked, when the table has
+    reached ``ANN_MIN_ROWS`` without one, or when new rows arrive in an indexed table."""
+    if build_index:
+        return True
+    has_index = _has_ann_index(ds, column)
+    return (ds.count_rows() >= ANN_MIN_ROWS and not has_index) or (changed and has_index)
 
 
 def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -500,6 +533,7 @@ def _query_settings(ds: lance.LanceDataset) -> Settings:
 
 
 def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tuple[str, np.ndarray]:
+    """The URL and stored embedding of a row; a row without a usable one is an error."""
     total = ds.count_rows()
     if not 0 <= row < total:
         raise CliError(f"--row {row} is out of range: the table has rows 0 to {total - 1}")
@@ -514,6 +548,8 @@ def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tup
 
 
 def _query_from_uri(uri: str, settings: Settings) -> tuple[str, np.ndarray]:
+    """The query video's URL and embedding. Its frames are read first, so that a video
+    that cannot be decoded fails in a second with the reason, before the model loads."""
     if "://" not in uri:
         uri = os.path.abspath(uri)
     try:
@@ -588,167 +624,12 @@ def search(
     return SearchResult(uri, query_row, aggregate, ann, hits)
 
 
-# --- contact sheet ----------------------------------------------------------------------
-
-THUMBNAILS = 4
-"""Frames per strip, spread from the first to the last frame of the video."""
-THUMB_W, THUMB_H = 160, 90
-LABEL_W = 320
-PAD = 8
-STRIP_H = THUMB_H + 2 * PAD
-SHEET_W = LABEL_W + THUMBNAILS * (THUMB_W + PAD) + PAD
-QUERY_BG = (46, 64, 96)
-HIT_BG = (32, 32, 32)
-TEXT = (235, 235, 235)
-DIM = (150, 150, 150)
-
-
-class Undecodable(Exception):
-    """A video whose frames cannot be read; the message is the one-line reason."""
-
-
-def read_thumbnails(uri: str, count: int = THUMBNAILS) -> list[Image.Image]:
-    """``count`` frames spread across the video, RGB, each scaled to fit THUMB_W x THUMB_H.
-    Raises ``Undecodable`` with the reason when the video cannot be read."""
-    from PIL import Image
-    from torchcodec.decoders import VideoDecoder
-
-    try:
-        with fsspec.open(uri, "rb") as file:
-            decoder = VideoDecoder(file, seek_mode="exact")
-            num_frames = decoder.metadata.num_frames or 0
-            if num_frames < 1:
-                raise Undecodable("video stream has no frames")
-            indices = np.round(np.linspace(0, num_frames - 1, count)).astype(int).tolist()
-            frames = decoder.get_frames_at(indices).data.permute(0, 2, 3, 1).numpy()
-    except FileNotFoundError as e:
-        raise Undecodable("object does not exist") from e
-    except (ValueError, RuntimeError) as e:
-        raise Undecodable(_one_line(e)) from e
-    images = []
-    for frame in frames:
-        image = Image.fromarray(frame)
-        image.thumbnail((THUMB_W, THUMB_H))
-        images.append(image)
-    return images
-
-
-@dataclass(frozen=True)
-class _Strip:
-    title: str
-    uri: str
-    thumbnails: list[Image.Image]
-    note: str = ""
-
-
-def _strips(result: SearchResult) -> list[_Strip]:
-    """The query's strip, then one per hit; a hit that cannot be read any more (deleted
-    since indexing) gets an empty strip with the reason instead of failing the sheet."""
+def write_sheet(result: SearchResult, path: Path) -> None:
+    """The contact sheet of a search, PNG or HTML by ``path``'s suffix: the query's strip
+    on top, then one strip per hit with its rank, score and name."""
     entries = [("query", result.query_uri)]
     entries += [(f"#{h.rank}  score {h.score:.4f}", h.uri) for h in result.hits]
-    strips = []
-    for title, uri in entries:
-        try:
-            strips.append(_Strip(title, uri, read_thumbnails(uri)))
-        except Undecodable as e:
-            strips.append(_Strip(title, uri, [], f"unreadable: {e}"))
-    return strips
-
-
-def _name_and_folder(uri: str) -> tuple[str, str]:
-    folder, _, name = uri.rstrip("/").rpartition("/")
-    return name, folder
-
-
-def _draw_png(strips: list[_Strip], path: Path) -> None:
-    """One STRIP_H-high strip per entry, query first: on the left its rank and score, the
-    video's name and its folder; then the thumbnails letterboxed into THUMB_W x THUMB_H
-    cells."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    sheet = Image.new("RGB", (SHEET_W, STRIP_H * len(strips)), HIT_BG)
-    draw = ImageDraw.Draw(sheet)
-    big, small = ImageFont.load_default(size=16), ImageFont.load_default(size=12)
-    for i, strip in enumerate(strips):
-        top = i * STRIP_H
-        draw.rectangle(
-            [0, top, SHEET_W - 1, top + STRIP_H - 1], fill=QUERY_BG if i == 0 else HIT_BG
-        )
-        name, folder = _name_and_folder(strip.uri)
-        lines = [(strip.title, big, TEXT), (_fit(name), small, TEXT), (_fit(folder), small, DIM)]
-        if strip.note:
-            lines.append((_fit(strip.note), small, TEXT))
-        y = top + PAD
-        for text, font, colour in lines:
-            draw.text((PAD, y), text, fill=colour, font=font)
-            y += 22 if font is big else 18
-        for j, thumb in enumerate(strip.thumbnails):
-            left = LABEL_W + PAD + j * (THUMB_W + PAD)
-            draw.rectangle([left, top + PAD, left + THUMB_W - 1, top + PAD + THUMB_H - 1], fill=0)
-            offset = ((THUMB_W - thumb.width) // 2, (THUMB_H - thumb.height) // 2)
-            sheet.paste(thumb, (left + offset[0], top + PAD + offset[1]))
-        draw.line([0, top + STRIP_H - 1, SHEET_W, top + STRIP_H - 1], fill=DIM)
-    sheet.save(path, format="PNG")
-
-
-def _fit(text: str, width: int = 46) -> str:
-    """Keep the end of a long label, where the distinguishing part of a path is."""
-    return text if len(text) <= width else "…" + text[-(width - 1) :]
-
-
-def _data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-HTML_STYLE = """
-body { background: #202020; color: #ebebeb; font: 14px sans-serif; margin: 0; }
-.strip { display: flex; align-items: center; gap: 8px; padding: 8px;
-         border-bottom: 1px solid #505050; }
-.strip.query { background: #2e4060; }
-.label { width: 304px; flex: none; overflow-wrap: anywhere; }
-.title { font-size: 16px; font-weight: bold; }
-.folder { color: #969696; font-size: 12px; }
-.cell { width: 160px; height: 90px; background: #000; display: flex;
-        align-items: center; justify-content: center; }
-"""
-
-
-def _write_html(strips: list[_Strip], path: Path) -> None:
-    """The same strips as a self-contained page: thumbnails inlined as data URIs, no
-    scripts, no external resources."""
-    body = []
-    for i, strip in enumerate(strips):
-        name, folder = _name_and_folder(strip.uri)
-        cells = "".join(
-            f'<div class="cell"><img src="{_data_uri(t)}" alt="frame {j + 1}"></div>'
-            for j, t in enumerate(strip.thumbnails)
-        )
-        note = f"<div>{html.escape(strip.note)}</div>" if strip.note else ""
-        body.append(
-            f'<div class="strip{" query" if i == 0 else ""}"><div class="label">'
-            f'<div class="title">{html.escape(strip.title)}</div>'
-            f"<div>{html.escape(name)}</div>"
-            f'<div class="folder">{html.escape(folder)}</div>'
-            f"{note}</div>{cells}</div>"
-        )
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>video-embeddings: {html.escape(_name_and_folder(strips[0].uri)[0])}</title>"
-        f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-    path.write_text(page, encoding="utf-8")
-
-
-def write_sheet(result: SearchResult, path: Path) -> None:
-    """The contact sheet of a search, as PNG or HTML by ``path``'s suffix: the query's
-    strip on top, then one strip per hit with its rank, score and name."""
-    strips = _strips(result)
-    if path.suffix.lower() == ".html":
-        _write_html(strips, path)
-    else:
-        _draw_png(strips, path)
+    draw_sheet(entries, path)
 
 
 # --- command line -----------------------------------------------------------------------

@@ -24,6 +24,17 @@ import pytest
 from PIL import Image
 
 import video_embeddings_cli as cli
+from video_embeddings_sheet import (
+    HIT_BG,
+    LABEL_W,
+    PAD,
+    QUERY_BG,
+    SHEET_W,
+    STRIP_H,
+    THUMB_H,
+    THUMB_W,
+    THUMBNAILS,
+)
 from video_embeddings_udf import (
     aggregate_max,
     aggregate_mean,
@@ -220,11 +231,11 @@ def test_search_by_url_embeds_the_query_like_the_table(
     assert_ranking(result["hits"], query_uri, stored[query_uri]["rows"], stored, aggregate)
 
 
-def thumbnails(sheet: np.ndarray, strip: int) -> list[np.ndarray]:
+def thumbnails(pixels: np.ndarray, strip: int) -> list[np.ndarray]:
     """The thumbnail cells of one strip of a PNG sheet."""
-    top = strip * cli.STRIP_H + cli.PAD
-    lefts = [cli.LABEL_W + cli.PAD + j * (cli.THUMB_W + cli.PAD) for j in range(cli.THUMBNAILS)]
-    return [sheet[top : top + cli.THUMB_H, left : left + cli.THUMB_W] for left in lefts]
+    top = strip * STRIP_H + PAD
+    lefts = [LABEL_W + PAD + j * (THUMB_W + PAD) for j in range(THUMBNAILS)]
+    return [pixels[top : top + THUMB_H, left : left + THUMB_W] for left in lefts]
 
 
 def test_png_sheet_has_the_query_strip_then_one_per_hit(
@@ -246,15 +257,15 @@ def test_png_sheet_has_the_query_strip_then_one_per_hit(
 
     image = Image.open(sheet_path)
     assert image.format == "PNG"
-    assert image.size == (cli.SHEET_W, 4 * cli.STRIP_H)
-    sheet = np.asarray(image.convert("RGB"))
-    backgrounds = [tuple(sheet[i * cli.STRIP_H + 2, 2]) for i in range(4)]
-    assert backgrounds == [cli.QUERY_BG] + [cli.HIT_BG] * 3
+    assert image.size == (SHEET_W, 4 * STRIP_H)
+    pixels = np.asarray(image.convert("RGB"))
+    backgrounds = [tuple(pixels[i * STRIP_H + 2, 2]) for i in range(4)]
+    assert backgrounds == [QUERY_BG] + [HIT_BG] * 3
     for strip in range(4):
-        assert all(cell.std() > 10 for cell in thumbnails(sheet, strip))  # frames, not blanks
-    np.testing.assert_array_equal(thumbnails(sheet, 0), thumbnails(sheet, 1))
-    assert not np.array_equal(thumbnails(sheet, 1), thumbnails(sheet, 2))
-    first, last = thumbnails(sheet, 1)[0], thumbnails(sheet, 1)[-1]
+        assert all(cell.std() > 10 for cell in thumbnails(pixels, strip))  # frames, not blanks
+    np.testing.assert_array_equal(thumbnails(pixels, 0), thumbnails(pixels, 1))
+    assert not np.array_equal(thumbnails(pixels, 1), thumbnails(pixels, 2))
+    first, last = thumbnails(pixels, 1)[0], thumbnails(pixels, 1)[-1]
     assert not np.array_equal(first, last)  # sampled across the video, not one frame
 
 
@@ -294,12 +305,12 @@ def test_html_sheet_is_self_contained_and_loads_in_chromium(
     parser.feed(sheet_path.read_text())
     assert parser.strips == ["strip query", "strip", "strip"]
     assert parser.links == []
-    assert len(parser.images) == 3 * cli.THUMBNAILS
+    assert len(parser.images) == 3 * THUMBNAILS
     for src in parser.images:
         header, data = src.split(",", 1)
         assert header == "data:image/jpeg;base64"
         image = Image.open(io.BytesIO(base64.b64decode(data)))
-        assert image.format == "JPEG" and max(image.size) <= cli.THUMB_W
+        assert image.format == "JPEG" and max(image.size) <= THUMB_W
 
     shot = tmp_path / "screenshot.png"
     result = subprocess.run(
@@ -311,7 +322,7 @@ def test_html_sheet_is_self_contained_and_loads_in_chromium(
             "--enable-logging=stderr",
             "--v=0",
             f"--screenshot={shot}",
-            f"--window-size={cli.SHEET_W},{3 * cli.STRIP_H}",
+            f"--window-size={SHEET_W},{3 * STRIP_H}",
             sheet_path.as_uri(),
         ],
         capture_output=True,
@@ -322,7 +333,7 @@ def test_html_sheet_is_self_contained_and_loads_in_chromium(
     assert ":CONSOLE" not in result.stderr  # page errors are logged as console messages
     screenshot = Image.open(shot)
     assert screenshot.format == "PNG"
-    assert screenshot.size == (cli.SHEET_W, 3 * cli.STRIP_H)
+    assert screenshot.size == (SHEET_W, 3 * STRIP_H)
     assert np.asarray(screenshot.convert("RGB")).std() > 10
 
 
