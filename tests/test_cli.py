@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import video_embeddings_cli as cli
 from video_embeddings_sheet import (
     HIT_BG,
     LABEL_W,
@@ -35,6 +34,7 @@ from video_embeddings_sheet import (
     THUMB_W,
     THUMBNAILS,
 )
+from video_embeddings_table import find_videos
 from video_embeddings_udf import (
     aggregate_max,
     aggregate_mean,
@@ -143,12 +143,12 @@ def test_find_videos_in_folder_glob_and_file(clip_dir: Path) -> None:
     """Folders are walked, globs expanded, file:// accepted; sizes come from the listing;
     files without a video extension are counted as skipped."""
     videos = sorted([*GOOD, BAD])
-    found = cli.find_videos([str(clip_dir)])
+    found = find_videos([str(clip_dir)])
     assert list(found.videos) == [str(clip_dir / n) for n in videos]
     assert found.videos[str(clip_dir / "bikes.mp4")] == (clip_dir / "bikes.mp4").stat().st_size
     assert found.skipped == 2
-    assert list(cli.find_videos([f"{clip_dir}/*.mkv"]).videos) == [str(clip_dir / "av1_video.mkv")]
-    found = cli.find_videos([f"file://{clip_dir}/bikes.mp4", str(clip_dir / "missing")])
+    assert list(find_videos([f"{clip_dir}/*.mkv"]).videos) == [str(clip_dir / "av1_video.mkv")]
+    found = find_videos([f"file://{clip_dir}/bikes.mp4", str(clip_dir / "missing")])
     assert list(found.videos) == [str(clip_dir / "bikes.mp4")]
     assert found.skipped == 0
 
@@ -298,8 +298,8 @@ def test_html_sheet_is_self_contained_and_loads_in_chromium(
         pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
     db = indexed[0]
     sheet_path = tmp_path / "sheet.html"
-    query_uri = str(clip_dir / "av1_video.mkv")
-    run_cli("search", query_uri, "-k", "2", "--sheet", str(sheet_path), "--db", str(db), env=env)
+    row = str(table(db)[str(clip_dir / "av1_video.mkv")]["row"])
+    run_cli("search", "--row", row, "-k", "2", "--sheet", str(sheet_path), "--db", str(db), env=env)
 
     parser = _SheetParser()
     parser.feed(sheet_path.read_text())
