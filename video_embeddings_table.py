@@ -270,11 +270,11 @@ class _Progress:
         rows = snapshot.get("rows_checkpointed", {})
         earlier = max(0, int(rows.get("total", 0)) - self.total)  # done by earlier runs
         self.done = min(self.total, max(self.done, int(rows.get("n", 0)) - earlier))
-        self.failed = int(snapshot.get("rows_skipped_on_error", {}).get("n", 0))
+        self.failed = int(snapshot.get("rows_skipped_on_error", {}).get("n", self.failed))
 
-    def report(self, *, final: bool = False) -> None:
+    def report(self) -> None:
         now = time.monotonic()
-        if self._reported is not None and not final:
+        if self._reported is not None:
             done, failed, at = self._reported
             if (done, failed) == (self.done, self.failed) and now - at < PROGRESS_QUIET_S:
                 return
@@ -289,6 +289,24 @@ class _Progress:
             elapsed,
         )
 
+    def finish(self) -> None:
+        """The job succeeded, so Geneva processed every pending row."""
+        self.done = self.total
+        self.report()
+
+
+def _tracker_snapshot(future: Any) -> dict[str, dict[str, Any]]:
+    """Geneva's job metrics, or nothing when the tracker does not answer this time:
+    progress is best effort and never fails the job."""
+    import ray
+
+    if future.job_tracker is None:
+        return {}
+    try:
+        return ray.get(future.job_tracker.get_all.remote(), timeout=PROGRESS_INTERVAL_S)
+    except ray.exceptions.RayError:
+        return {}
+
 
 def _backfill(
     tbl: geneva.table.Table, column: str, options: dict[str, Any], progress: _Progress | None
@@ -298,21 +316,16 @@ def _backfill(
     import ray
 
     future = tbl.backfill_async(column, **options).future
-    while True:
-        finished = bool(ray.wait([future.ray_obj_ref], timeout=PROGRESS_INTERVAL_S)[0])
-        if progress is not None and future.job_tracker is not None:
-            try:
-                snapshot = ray.get(future.job_tracker.get_all.remote(), timeout=5)
-            except ray.exceptions.GetTimeoutError:
-                continue
-            progress.update(snapshot)
-            progress.report(final=finished)
-        if finished:
-            break
+    while not ray.wait([future.ray_obj_ref], timeout=PROGRESS_INTERVAL_S)[0]:
+        if progress is not None:
+            progress.update(_tracker_snapshot(future))
+            progress.report()
     try:
         ray.get(future.ray_obj_ref)
     except Exception as e:
         raise UserError(f"the backfill of {column} failed: {_one_line(e)}") from e
+    if progress is not None:
+        progress.finish()
     tbl.checkout_latest()
 
 

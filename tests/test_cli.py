@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import video_embeddings_table as vt
 from video_embeddings_sheet import (
     HIT_BG,
     LABEL_W,
@@ -34,7 +35,6 @@ from video_embeddings_sheet import (
     THUMB_W,
     THUMBNAILS,
 )
-from video_embeddings_table import find_videos
 from video_embeddings_udf import (
     aggregate_max,
     aggregate_mean,
@@ -143,14 +143,35 @@ def test_find_videos_in_folder_glob_and_file(clip_dir: Path) -> None:
     """Folders are walked, globs expanded, file:// accepted; sizes come from the listing;
     files without a video extension are counted as skipped."""
     videos = sorted([*GOOD, BAD])
-    found = find_videos([str(clip_dir)])
+    found = vt.find_videos([str(clip_dir)])
     assert list(found.videos) == [str(clip_dir / n) for n in videos]
     assert found.videos[str(clip_dir / "bikes.mp4")] == (clip_dir / "bikes.mp4").stat().st_size
     assert found.skipped == 2
-    assert list(find_videos([f"{clip_dir}/*.mkv"]).videos) == [str(clip_dir / "av1_video.mkv")]
-    found = find_videos([f"file://{clip_dir}/bikes.mp4", str(clip_dir / "missing")])
+    assert list(vt.find_videos([f"{clip_dir}/*.mkv"]).videos) == [str(clip_dir / "av1_video.mkv")]
+    found = vt.find_videos([f"file://{clip_dir}/bikes.mp4", str(clip_dir / "missing")])
     assert list(found.videos) == [str(clip_dir / "bikes.mp4")]
     assert found.skipped == 0
+
+
+def test_progress_counts_this_runs_videos_from_genevas_job_tracker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Geneva's tracker counts rows an earlier run embedded in its total and done count
+    (its snapshot shape, as a real backfill reported it); progress shows this run's."""
+    progress = vt._Progress(total=5)
+    snapshot = {
+        "rows_checkpointed": {"n": 9, "total": 12, "done": False, "desc": "Rows checkpointed"},
+        "rows_skipped_on_error": {"n": 1, "total": 0, "done": False},
+    }
+    with caplog.at_level("INFO", logger="video_embeddings_table"):
+        progress.update(snapshot)
+        progress.report()
+        progress.report()  # nothing moved: no second line
+        progress.finish()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("embedding: 2/5 videos, ") and "1 failures so far" in lines[0]
+    assert lines[1].startswith("embedding: 5/5 videos, ")
 
 
 def test_index_embeds_every_video_then_nothing_on_a_second_run(
