@@ -148,7 +148,7 @@ def _check_db(path: str, *, for_search: bool) -> None:
     p = Path(path)
     if not p.exists() and not for_search:
         return
-    if p.is_dir() and any(p.glob("*.lance")):
+    if p.is_dir() and (any(p.glob("*.lance")) or (p / "__manifest").is_dir()):
         return
     if p.is_dir() and not for_search and not any(p.iterdir()):
         return
