@@ -10,6 +10,11 @@ if ! command -v ffmpeg >/dev/null || ! ldconfig -p | grep -q 'libavcodec\.so\.';
     as_root apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q ffmpeg
 fi
+# Headless Chromium, in which the tests load the HTML contact sheet.
+if ! command -v chromium >/dev/null; then
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 export PATH="$HOME/.local/bin:$PATH"
 if ! command -v uv >/dev/null; then
     python3 -m pip --version >/dev/null 2>&1 || as_root apt-get install -y -q python3-pip

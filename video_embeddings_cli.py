@@ -1,0 +1,177 @@
+"""The ``video-embeddings`` command: the main job for a person.
+
+    video-embeddings index SOURCE... --db DIR [--table videos] [--build-index]
+                           [--cluster NAME [--manifest NAME]] [--json]
+    video-embeddings search (QUERY | --row N) --db DIR [--table videos] [-k 10]
+                            [--aggregate mean|max|weighted|segment|none]
+                            [--sheet out.png|out.html] [--json]
+
+``main`` parses the arguments, configures logging (to stderr), calls one function of
+``video_embeddings_table`` and prints its result to stdout. That module is imported only
+once the arguments are parsed, so ``--help`` and usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from video_embeddings_table import IndexSummary, SearchResult
+
+logger = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "max", "weighted", "segment", "none")
+
+
+def _sheet_path(value: str) -> Path:
+    if Path(value).suffix.lower() not in (".png", ".html"):
+        raise argparse.ArgumentTypeError(f"{value!r} must end in .png or .html")
+    return Path(value)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="video-embeddings",
+        description="Embed videos into a LanceDB table with V-JEPA2, and search it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "index",
+        help="embed the videos under each SOURCE into a table",
+        description="Add the videos under each SOURCE that the table lacks, then embed "
+        "every row without an embedding through a Geneva backfill (local Ray unless "
+        "--cluster). Builds an ANN index on the mean vectors from 5,000 rows, or at once "
+        "with --build-index.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder, glob, file or URL prefix")
+    p.add_argument("--db", required=True, help="LanceDB directory (created if missing)")
+    p.add_argument("--table", default="videos", help="table name (default: videos)")
+    p.add_argument("--cluster", help="run the backfill on this defined Geneva cluster")
+    p.add_argument("--manifest", help="Geneva manifest for --cluster")
+    p.add_argument("--build-index", action="store_true", help="build the ANN index now")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    s = commands.add_parser(
+        "search",
+        help="rank the table's videos against a query video",
+        description="Rank the table's videos by cosine similarity to a query video (a "
+        "URL, embedded with the table's settings, or --row N), optionally drawing a "
+        "contact sheet of the hits.",
+    )
+    query = s.add_mutually_exclusive_group(required=True)
+    query.add_argument("query", nargs="?", metavar="QUERY", help="URL or path of a video")
+    query.add_argument("--row", type=int, help="use the video in this row (0-based) instead")
+    s.add_argument("--db", required=True, help="LanceDB directory made by index")
+    s.add_argument("--table", default="videos", help="table name (default: videos)")
+    s.add_argument("-k", type=_positive, default=10, help="number of hits (default: 10)")
+    s.add_argument(
+        "--aggregate",
+        choices=AGGREGATIONS,
+        default="mean",
+        help="how a video's rows become one vector, or none for late interaction",
+    )
+    s.add_argument("--sheet", type=_sheet_path, help="write a contact sheet (.png or .html)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def _print_summary(summary: IndexSummary, db: str, table: str) -> None:
+    print(f"indexed {summary.found} videos into {db} (table {table}) in {summary.seconds:.1f} s")
+    print(f"  embedded: {summary.embedded}")
+    print(f"  zero-tensor failures: {len(summary.failures)}")
+    for uri, reason in summary.failures.items():
+        print(f"    {uri}: {reason}")
+    print(f"  skipped: {summary.skipped} files without a video extension")
+    print(f"  already in the table: {summary.already_indexed}")
+    print(f"  rows: {summary.rows}, ANN index: {'yes' if summary.ann_index else 'no'}")
+
+
+def _print_hits(result: SearchResult) -> None:
+    row = f" (row {result.query_row})" if result.query_row is not None else ""
+    how = "ANN candidates" if result.ann else "every row"
+    print(f"query: {result.query_uri}{row}; aggregate: {result.aggregate}; scored: {how}")
+    print(f"{'rank':>4}  {'score':>7}  url")
+    for hit in result.hits:
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.uri}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from video_embeddings_table import index
+
+    summary = index(
+        args.sources,
+        db_path=args.db,
+        table=args.table,
+        cluster=args.cluster,
+        manifest=args.manifest,
+        build_index=args.build_index,
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(summary), indent=2))
+    else:
+        _print_summary(summary, args.db, args.table)
+
+
+def _search(args: argparse.Namespace) -> None:
+    from video_embeddings_table import search, write_sheet
+
+    result = search(
+        args.db,
+        table=args.table,
+        query_uri=args.query,
+        query_row=args.row,
+        k=args.k,
+        aggregate=args.aggregate,
+    )
+    if args.sheet:
+        write_sheet(result, args.sheet)
+        logger.info("wrote the contact sheet %s", args.sheet)
+    if args.json:
+        sheet = str(args.sheet) if args.sheet else None
+        print(json.dumps({**dataclasses.asdict(result), "sheet": sheet}, indent=2))
+    else:
+        _print_hits(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "index" and args.manifest and not args.cluster:
+        parser.error("--manifest needs --cluster")
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for name in (__name__, "video_embeddings_table"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    from video_embeddings_table import UserError
+
+    try:
+        if args.command == "index":
+            _index(args)
+        else:
+            _search(args)
+    except UserError as e:
+        print(f"video-embeddings: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

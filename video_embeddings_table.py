@@ -1,0 +1,641 @@
+"""The library behind the ``video-embeddings`` command: ``index`` fills a LanceDB table
+with the embeddings of a folder or bucket of videos through Geneva backfills, ``search``
+ranks the table against a video, and ``write_sheet`` draws the contact sheet of a search.
+
+The module is laid out in the order of the job: find the videos, fill the table (with
+progress), then search. ``video_embeddings_cli`` parses the command line and prints;
+``video_embeddings_sheet`` draws the sheets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from geneva import udf
+
+from video_embeddings_sheet import Undecodable, draw_sheet, read_thumbnails
+from video_embeddings_udf import (
+    EMBEDDING_DIM,
+    Settings,
+    VideoEmbedding,
+    aggregate_max,
+    aggregate_mean,
+    aggregate_segment,
+    aggregate_weighted,
+    embedding_column,
+)
+
+if TYPE_CHECKING:
+    import geneva.db
+    import geneva.table
+    import lance
+
+__all__ = [
+    "ANN_MIN_ROWS",
+    "Found",
+    "Hit",
+    "IndexSummary",
+    "SearchResult",
+    "UserError",
+    "find_videos",
+    "index",
+    "late_interaction",
+    "search",
+    "write_sheet",
+]
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
+
+ANN_MIN_ROWS = 5_000
+"""From this many rows, ``index`` builds an ANN index on the mean-vector column. Below it an
+exact scan reads every embedding per search (5,000 videos of 64 rows are 1.25 GiB), which
+takes seconds; past it, search asks the index for candidates and ranks only those."""
+
+ANN_CANDIDATES = 100
+"""At least this many candidates (10 x k when larger) come from the ANN index before they
+are ranked exactly by the chosen aggregation."""
+
+SETTINGS_KEY = "video_embeddings.settings"
+"""Schema metadata key holding the settings the table's embedding column was added with."""
+
+MEAN_SUFFIX = "_mean"
+"""The mean-vector column is the embedding column's name plus this suffix."""
+
+VECTOR_TYPE = pa.list_(pa.float32(), EMBEDDING_DIM)
+PROGRESS_INTERVAL_S = 2.0
+PROGRESS_QUIET_S = 30.0
+
+AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": aggregate_mean,
+    "max": aggregate_max,
+    "weighted": aggregate_weighted,
+    "segment": aggregate_segment,
+}
+
+
+class UserError(Exception):
+    """A failure the user can act on; the command prints it as one line and exits with 1."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# --- find the videos --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    videos: dict[str, int]
+    """URL (or absolute local path) → size in bytes, from the listing."""
+    skipped: int
+    """Files under the sources without a video extension."""
+
+
+def find_videos(sources: list[str]) -> Found:
+    """Every file with a video extension under each folder, glob, file or URL prefix
+    (``gs://bucket/videos/``), with its size from the listing, and how many other files
+    were skipped. Local paths come back absolute, without ``file://``."""
+    videos: dict[str, int] = {}
+    skipped = 0
+    for source in sources:
+        if "://" not in source:
+            source = os.path.abspath(source)  # symlinks kept: the URL is the path given
+        fs, path = fsspec.core.url_to_fs(source)
+        if fs.isdir(path):
+            entries = fs.find(path, detail=True)
+        elif any(c in path for c in "*?["):
+            entries = fs.glob(path, detail=True)
+        elif fs.exists(path):
+            entries = {path: fs.info(path)}
+        else:
+            logger.warning("%s does not exist", source)
+            entries = {}
+        for name, info in sorted(entries.items()):
+            if info.get("type") == "directory":
+                continue
+            if name.lower().endswith(VIDEO_EXTENSIONS):
+                videos[fs.unstrip_protocol(name).removeprefix("file://")] = int(info["size"])
+            else:
+                skipped += 1
+    return Found(videos, skipped)
+
+
+# --- the table --------------------------------------------------------------------------
+
+
+def _check_db(path: str, *, for_search: bool) -> None:
+    """A local ``--db`` must be a LanceDB directory; ``index`` may also create one in a new
+    or empty directory, but never writes tables into a folder of other files."""
+    if "://" in path:
+        return
+    p = Path(path)
+    if not p.exists() and not for_search:
+        return
+    if p.is_dir() and (any(p.glob("*.lance")) or (p / "__manifest").is_dir()):
+        return
+    if p.is_dir() and not for_search and not any(p.iterdir()):
+        return
+    raise UserError(f"--db {path} is not a LanceDB directory")
+
+
+def _stored_settings(ds: lance.LanceDataset) -> Settings | None:
+    raw = (ds.schema.metadata or {}).get(SETTINGS_KEY.encode())
+    if raw is None:
+        return None
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: v for k, v in json.loads(raw).items() if k in names})
+
+
+def _table_schema(settings: Settings) -> pa.Schema:
+    """One row per video: its URL and size; the settings ride along as schema metadata so
+    that search embeds a query exactly as the table's videos were."""
+    return pa.schema(
+        [(settings.video_uri_col, pa.string()), ("size_bytes", pa.int64())],
+        metadata={SETTINGS_KEY: json.dumps(dataclasses.asdict(settings))},
+    )
+
+
+def _mean_vector(video_embedding: pa.Array) -> pa.Array:
+    """Geneva batch UDF body: each video's ``aggregate_mean`` vector, the zero vector for
+    the zero tensor of a video that could not be processed."""
+    return pa.array([aggregate_mean(m) for m in _matrices(video_embedding)], type=VECTOR_TYPE)
+
+
+MEAN_VECTOR = udf(data_type=VECTOR_TYPE, num_cpus=1)(_mean_vector)
+"""The mean-vector column's UDF: cheap, so the CPU suffices wherever the job runs."""
+
+
+def _matrices(column: pa.Array) -> list[np.ndarray]:
+    """A ``list<fixed_size_list<float32, 1024>>`` column (no nulls) → one ``(rows, 1024)``
+    float32 matrix per value, sharing the column's memory."""
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
+    starts = offsets - offsets[0]
+    return [values[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def _uris(ds: lance.LanceDataset, column: str, where: str | None = None) -> list[str]:
+    return ds.to_table(columns=[column], filter=where).column(column).to_pylist()
+
+
+def _has_ann_index(ds: lance.LanceDataset, column: str) -> bool:
+    return any(column in d.field_names for d in ds.describe_indices())
+
+
+def _build_ann_index(ds: lance.LanceDataset, column: str) -> None:
+    """IVF_HNSW_SQ with cosine distance: it trains on any number of rows (IVF_PQ needs
+    256), with lance's usual sqrt(rows) partitions."""
+    partitions = max(1, round(math.sqrt(ds.count_rows())))
+    logger.info("building the ANN index on %s (%d partitions)", column, partitions)
+    ds.create_index(
+        column, index_type="IVF_HNSW_SQ", metric="cosine", num_partitions=partitions, replace=True
+    )
+
+
+# --- index, with progress ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    found: int
+    skipped: int
+    already_indexed: int
+    added: int
+    embedded: int
+    failures: dict[str, str]
+    """URL → reason, for the videos of this run that got the zero tensor."""
+    rows: int
+    ann_index: bool
+    seconds: float
+
+
+def _check_model(model: str) -> None:
+    """Fail in seconds, before a long job, when the checkpoint cannot even be found."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load the model {model!r} ({_one_line(e)}); point VJEPA_MODEL at a "
+            "local checkpoint directory, e.g. VJEPA_MODEL=/path/to/vjepa2-checkpoint"
+        ) from e
+
+
+def _local_resources() -> dict[str, Any]:
+    """Backfill options for local Ray: without CUDA, no GPU reservation (or Ray would wait
+    forever) and one applier, since torch already spreads one clip over every core; with
+    CUDA, one applier per GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"num_gpus": 0, "concurrency": 1}
+    return {"concurrency": torch.cuda.device_count()}
+
+
+class _Progress:
+    """Reports a backfill on stderr: videos done of total, videos/s, failures so far; a
+    line whenever a count moves, and at least every ``PROGRESS_QUIET_S``.
+
+    Done counts come from Geneva's job tracker (rows checkpointed). Failures so far are
+    the rows Geneva has given up on (``rows_skipped_on_error``): the zero tensor of a bad
+    video is an ordinary result that becomes visible when the job commits, and ``index``
+    counts those then (the worker's log line with the reason shows on stderr at once)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.monotonic()
+        self.done = 0
+        self.failed = 0
+        self._reported: tuple[int, int, float] | None = None
+
+    def update(self, snapshot: dict[str, dict[str, Any]]) -> None:
+        rows = snapshot.get("rows_checkpointed", {})
+        earlier = max(0, int(rows.get("total", 0)) - self.total)  # done by earlier runs
+        self.done = min(self.total, max(self.done, int(rows.get("n", 0)) - earlier))
+        self.failed = int(snapshot.get("rows_skipped_on_error", {}).get("n", self.failed))
+
+    def report(self) -> None:
+        now = time.monotonic()
+        if self._reported is not None:
+            done, failed, at = self._reported
+            if (done, failed) == (self.done, self.failed) and now - at < PROGRESS_QUIET_S:
+                return
+        self._reported = (self.done, self.failed, now)
+        elapsed = now - self.start
+        logger.info(
+            "embedding: %d/%d videos, %.2f videos/s, %d failures so far, %.0f s",
+            self.done,
+            self.total,
+            self.done / elapsed if elapsed > 0 else 0.0,
+            self.failed,
+            elapsed,
+        )
+
+    def finish(self) -> None:
+        """The job succeeded, so Geneva processed every pending row."""
+        self.done = self.total
+        self.report()
+
+
+def _tracker_snapshot(future: Any) -> dict[str, dict[str, Any]]:
+    """Geneva's job metrics, or nothing when the tracker does not answer this time:
+    progress is best effort and never fails the job."""
+    import ray
+
+    if future.job_tracker is None:
+        return {}
+    try:
+        return ray.get(future.job_tracker.get_all.remote(), timeout=PROGRESS_INTERVAL_S)
+    except ray.exceptions.RayError:
+        return {}
+
+
+def _backfill(
+    tbl: geneva.table.Table, column: str, options: dict[str, Any], progress: _Progress | None
+) -> None:
+    """Run Geneva's backfill of ``column`` (the rows where it is null) and wait for it,
+    polling the job tracker for progress instead of drawing Geneva's own multi-line bars."""
+    import ray
+
+    future = tbl.backfill_async(column, **options).future
+    while not ray.wait([future.ray_obj_ref], timeout=PROGRESS_INTERVAL_S)[0]:
+        if progress is not None:
+            progress.update(_tracker_snapshot(future))
+            progress.report()
+    try:
+        ray.get(future.ray_obj_ref)
+    except Exception as e:
+        raise UserError(f"the backfill of {column} failed: {_one_line(e)}") from e
+    if progress is not None:
+        progress.finish()
+    tbl.checkout_latest()
+
+
+def _run_on(
+    db: geneva.db.Connection, cluster: str | None, manifest: str | None
+) -> AbstractContextManager[Any]:
+    """Where the backfills run: a defined Geneva cluster, or local Ray."""
+    return db.context(cluster=cluster, manifest=manifest) if cluster else nullcontext()
+
+
+def _existing_table(db_path: str, table: str) -> geneva.table.Table | None:
+    """The table if it exists; connecting never creates a directory that is not there."""
+    import geneva
+
+    if "://" not in db_path and not Path(db_path).exists():
+        return None
+    db = geneva.connect(db_path)
+    return db.open_table(table) if table in db.table_names() else None
+
+
+def _failure_reason(uri: str) -> str:
+    """Why a video got the zero tensor, found again on this machine by decoding it: the
+    UDF logs its own reason on the worker that ran it."""
+    try:
+        read_thumbnails(uri, 1)
+    except Undecodable as e:
+        return str(e)
+    return "the embedding job returned the zero tensor (see the worker logs)"
+
+
+def index(
+    sources: list[str],
+    *,
+    db_path: str,
+    table: str = "videos",
+    cluster: str | None = None,
+    manifest: str | None = None,
+    build_index: bool = False,
+) -> IndexSummary:
+    """Add the videos under ``sources`` that the table lacks, embed every row that has no
+    embedding yet through a Geneva backfill (local Ray, or ``cluster``), fill the
+    mean-vector column, and keep the ANN index (past ``ANN_MIN_ROWS`` or when asked)."""
+    import geneva
+
+    start = time.monotonic()
+    found = find_videos(sources)
+    if not found.videos:
+        raise UserError(
+            f"no videos found under {' '.join(sources)} (looked for "
+            f"{', '.join(VIDEO_EXTENSIONS)}; skipped {found.skipped} other files)"
+        )
+    _check_db(db_path, for_search=False)
+    tbl = _existing_table(db_path, table)
+    stored = _stored_settings(tbl.to_lance()) if tbl is not None else None
+    settings = stored or Settings.from_env()
+    new, pending = _new_and_pending(tbl, settings, found.videos)
+    if pending and cluster is None:
+        _check_model(settings.model)  # before anything is written
+
+    db = geneva.connect(db_path)
+    if tbl is None:
+        tbl = db.create_table(table, schema=_table_schema(settings))
+    if new:
+        rows = {settings.video_uri_col: list(new), "size_bytes": list(new.values())}
+        tbl.add(pa.table(rows, schema=_table_schema(settings)))
+        logger.info("added %d new videos to table %s", len(new), table)
+    mean_col = settings.embedding_col + MEAN_SUFFIX
+    if settings.embedding_col not in tbl.schema.names:
+        tbl.add_columns(embedding_column(settings))
+    if mean_col not in tbl.schema.names:
+        tbl.add_columns({mean_col: (MEAN_VECTOR, [settings.embedding_col])})
+    if pending or tbl.count_rows(f"{mean_col} IS NULL"):
+        with _run_on(db, cluster, manifest):
+            options = {} if cluster else _local_resources()
+            if pending:
+                _backfill(tbl, settings.embedding_col, options, _Progress(len(pending)))
+            _backfill(tbl, mean_col, options, None)
+
+    ds = tbl.to_lance()
+    failures = _zero_tensor_failures(ds, settings, pending)
+    if _wants_ann_index(ds, mean_col, build_index=build_index, changed=bool(pending)):
+        _build_ann_index(ds, mean_col)
+    return IndexSummary(
+        found=len(found.videos),
+        skipped=found.skipped,
+        already_indexed=len(found.videos) - len(new),
+        added=len(new),
+        embedded=len(pending) - len(failures),
+        failures=failures,
+        rows=ds.count_rows(),
+        ann_index=_has_ann_index(ds, mean_col),  # create_index updates ds
+        seconds=time.monotonic() - start,
+    )
+
+
+def _new_and_pending(
+    tbl: geneva.table.Table | None, settings: Settings, videos: dict[str, int]
+) -> tuple[dict[str, int], set[str]]:
+    """The found videos the table lacks, and every URL that will need embedding: those,
+    plus rows an earlier run left without an embedding."""
+    if tbl is None:
+        return videos, set(videos)
+    ds = tbl.to_lance()
+    indexed = set(_uris(ds, settings.video_uri_col))
+    new = {uri: size for uri, size in videos.items() if uri not in indexed}
+    pending = set(new)
+    if settings.embedding_col in ds.schema.names:
+        pending |= set(_uris(ds, settings.video_uri_col, f"{settings.embedding_col} IS NULL"))
+    return new, pending
+
+
+def _zero_tensor_failures(
+    ds: lance.LanceDataset, settings: Settings, pending: set[str]
+) -> dict[str, str]:
+    """URL → reason for each video of this run whose embedding is the zero tensor, found
+    by its zero mean vector (4 KiB a row to read instead of the whole embedding)."""
+    mean_col = settings.embedding_col + MEAN_SUFFIX
+    table = ds.to_table(
+        columns=[settings.video_uri_col, mean_col], filter=f"{mean_col} IS NOT NULL"
+    )
+    uris = table[settings.video_uri_col].to_pylist()
+    nonzero = np.asarray(_vectors(table[mean_col]).any(axis=1)).tolist()
+    return {
+        u: _failure_reason(u)
+        for u, ok in zip(uris, nonzero, strict=True)
+        if not ok and u in pending
+    }
+
+
+def _wants_ann_index(
+    ds: lance.LanceDataset, column: str, *, build_index: bool, changed: bool
+) -> bool:
+    """Build (or rebuild, to cover new rows) the ANN index when asked, when the table has
+    reached ``ANN_MIN_ROWS`` without one, or when new rows arrive in an indexed table."""
+    if build_index:
+        return True
+    has_index = _has_ann_index(ds, column)
+    return (ds.count_rows() >= ANN_MIN_ROWS and not has_index) or (changed and has_index)
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list vector column → ``(rows, 1024)`` float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
+
+
+# --- search -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    row: int
+    uri: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query_uri: str
+    query_row: int | None
+    aggregate: str
+    ann: bool
+    """Whether candidates came from the ANN index (else every row was scored)."""
+    hits: list[Hit]
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+
+
+def late_interaction(query: np.ndarray, rows: np.ndarray) -> float:
+    """Multivector score (MaxSim): for each query row, the best cosine with any of the
+    video's rows, averaged over the query rows; 1.0 for the video itself."""
+    return float((_unit_rows(query) @ _unit_rows(rows).T).max(axis=1).mean())
+
+
+def _scorer(query: np.ndarray, aggregate: str) -> Callable[[np.ndarray], float]:
+    """Score a video's rows against the query: cosine of the two aggregated vectors (each
+    already L2-normalised by its helper), or late interaction for ``none``."""
+    if aggregate == "none":
+        return lambda rows: late_interaction(query, rows)
+    agg = AGGREGATES[aggregate]
+    target = agg(query)
+    return lambda rows: float(agg(rows) @ target)
+
+
+def _embed_query(uri: str, settings: Settings) -> np.ndarray:
+    """The query video's rows, ``(frames, 1024)`` float32, computed by the table's own UDF
+    with the table's settings (the zero tensor when the UDF cannot process it). The one
+    place this module calls the UDF."""
+    udf_instance = VideoEmbedding(settings).func  # type: ignore[attr-defined]
+    return np.asarray(udf_instance(uri), dtype=np.float32)
+
+
+def _query_settings(ds: lance.LanceDataset) -> Settings:
+    """The table's settings; ``VJEPA_MODEL``, when set, says where to load that model
+    from on this machine (a local copy of the checkpoint the table was indexed with)."""
+    env = Settings.from_env()
+    stored = _stored_settings(ds)
+    if stored is None:
+        logger.warning("the table has no stored settings; using the environment's")
+        return env
+    if env.model != Settings.model:
+        return dataclasses.replace(stored, model=env.model)
+    return stored
+
+
+def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tuple[str, np.ndarray]:
+    """The URL and stored embedding of a row; a row without a usable one is an error."""
+    total = ds.count_rows()
+    if not 0 <= row < total:
+        raise UserError(f"--row {row} is out of range: the table has rows 0 to {total - 1}")
+    value = ds.take([row], columns=[settings.video_uri_col, settings.embedding_col])
+    uri = value[settings.video_uri_col][0].as_py()
+    if not value[settings.embedding_col].is_valid()[0].as_py():
+        raise UserError(f"row {row} ({uri}) has no embedding yet; run video-embeddings index")
+    matrix = _matrices(value[settings.embedding_col].combine_chunks())[0]
+    if not matrix.any():
+        raise UserError(f"row {row} ({uri}) could not be embedded (it has the zero tensor)")
+    return uri, matrix
+
+
+def _query_from_uri(uri: str, settings: Settings) -> tuple[str, np.ndarray]:
+    """The query video's URL and embedding. Its frames are read first, so that a video
+    that cannot be decoded fails in a second with the reason, before the model loads."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    try:
+        read_thumbnails(uri, 1)
+    except Undecodable as e:
+        raise UserError(f"cannot decode the query video {uri}: {e}") from e
+    _check_model(settings.model)
+    matrix = _embed_query(uri, settings)
+    if not matrix.any():
+        raise UserError(f"cannot decode the query video {uri}: the model got no frames from it")
+    return uri, matrix
+
+
+def _candidates(
+    ds: lance.LanceDataset, settings: Settings, query: np.ndarray, k: int, ann: bool
+) -> Iterator[pa.RecordBatch]:
+    """Batches of (URL, embedding, row) to score: the ANN index's nearest mean vectors,
+    or every embedded row."""
+    uri_col, emb_col = settings.video_uri_col, settings.embedding_col
+    columns = [uri_col, emb_col, "_rowoffset"]
+    if ann:
+        nearest = {
+            "column": emb_col + MEAN_SUFFIX,
+            "q": aggregate_mean(query),
+            "k": max(10 * k, ANN_CANDIDATES),
+            "metric": "cosine",
+        }
+        yield from ds.to_table(nearest=nearest, columns=[*columns, "_distance"]).to_batches()
+    else:
+        yield from ds.to_batches(columns=columns, filter=f"{emb_col} IS NOT NULL")
+
+
+def search(
+    db_path: str,
+    *,
+    table: str = "videos",
+    query_uri: str | None = None,
+    query_row: int | None = None,
+    k: int = 10,
+    aggregate: str = "mean",
+) -> SearchResult:
+    """Rank the table's videos against a query video (a URL embedded with the table's
+    settings, or a row of the table) by the cosine of the chosen aggregation, or by late
+    interaction for ``none``. Rows with the zero tensor are never hits."""
+    import lancedb
+
+    if aggregate != "none" and aggregate not in AGGREGATES:
+        raise ValueError(
+            f"Invalid aggregate ({aggregate!r}). Supported values are "
+            f"{', '.join(AGGREGATES)}, none."
+        )
+    _check_db(db_path, for_search=True)
+    try:
+        ds = lancedb.connect(db_path).open_table(table).to_lance()
+    except ValueError as e:
+        raise UserError(f"no table {table!r} in {db_path}; run video-embeddings index") from e
+    settings = _query_settings(ds)
+    if query_row is not None:
+        uri, query = _query_from_row(ds, settings, query_row)
+    else:
+        assert query_uri is not None
+        uri, query = _query_from_uri(query_uri, settings)
+
+    score = _scorer(query, aggregate)
+    ann = _has_ann_index(ds, settings.embedding_col + MEAN_SUFFIX)
+    scored: list[tuple[float, int, str]] = []
+    for batch in _candidates(ds, settings, query, k, ann):
+        uris = batch.column(settings.video_uri_col).to_pylist()
+        rows = batch.column("_rowoffset").to_pylist()
+        for u, r, matrix in zip(
+            uris, rows, _matrices(batch.column(settings.embedding_col)), strict=True
+        ):
+            if matrix.any():  # the zero tensor of a bad video is never a hit
+                scored.append((score(matrix), r, u))
+    scored.sort(key=lambda s: (-s[0], s[1] != query_row, s[1]))  # ties: the query's own row first
+    hits = [Hit(i + 1, s, r, u) for i, (s, r, u) in enumerate(scored[:k])]
+    return SearchResult(uri, query_row, aggregate, ann, hits)
+
+
+def write_sheet(result: SearchResult, path: Path) -> None:
+    """The contact sheet of a search, PNG or HTML by ``path``'s suffix: the query's strip
+    on top, then one strip per hit with its rank, score and name."""
+    entries = [("query", result.query_uri)]
+    entries += [(f"#{h.rank}  score {h.score:.4f}", h.uri) for h in result.hits]
+    draw_sheet(entries, path)
