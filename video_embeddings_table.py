@@ -520,7 +520,8 @@ def _embed_query(uri: str, settings: Settings) -> np.ndarray:
     with the table's settings (the zero tensor when the UDF cannot process it). The one
     place this module calls the UDF."""
     udf_instance = VideoEmbedding(settings).func  # type: ignore[attr-defined]
-    return np.asarray(udf_instance(uri), dtype=np.float32)
+    column = udf_instance(pa.array([uri], pa.string()))  # a Geneva batch of one row
+    return column.flatten().flatten().to_numpy().reshape(-1, EMBEDDING_DIM)
 
 
 def _query_settings(ds: lance.LanceDataset) -> Settings:
