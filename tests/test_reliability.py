@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +37,7 @@ from video_embeddings_udf import Settings, embedding_column
 
 BUCKET = "corpus"
 NUM_FRAMES = 16
-CLIENT_TIMEOUT_S = 3
+CLIENT_TIMEOUT_S = 2
 """gcsfs's request timeout here (its default is aiohttp's 5 minutes): a stall past it
 raises TimeoutError, which gcsfs leaves to the UDF to retry."""
 REFUSED_URL = "http://169.254.169.254/computeMetadata/v1/video.mp4"
@@ -240,6 +239,8 @@ def test_persistent_outage_fails_after_bounded_attempts(
 
 OUTAGE_AT = "odd/10-bit.mp4"
 """The object whose first read starts the outage, midway through the table."""
+FAULT_EVERY = 10
+"""A fault every 10 requests: 503, 429, reset and stall in turn, each at least once."""
 
 
 def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
@@ -249,67 +250,51 @@ def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
     tmp_path: Path,
     local_ray: None,
 ) -> None:
-    """One Geneva backfill over the corpus (plus a refused metadata-server URL), on local
-    Ray, with a fault every 7 requests (503, 429, reset mid-body, stall in turn). When it
-    reaches OUTAGE_AT the storage stalls for good: the job fails with an error naming the
-    object after exactly 4 timed-out attempts, and writes nothing, so no zeros. The rerun
-    resumes: no row that Geneva checkpointed before the outage is read again, every
-    later row is read, and every row ends with exactly its clean result, once."""
+    """One Geneva backfill over the corpus and a refused metadata-server URL, on local Ray,
+    with a fault every FAULT_EVERY requests. When it reaches OUTAGE_AT the storage stalls
+    for good: the job fails with an error naming that object after exactly 4 timed-out
+    attempts, and writes nothing (so no zeros). The rerun resumes: no row that Geneva
+    checkpointed before the outage is read again, every later row is read, and every row
+    ends with exactly its clean result, once."""
     values = [REFUSED_URL, *(url(e.name) for e in ENTRIES)]
-    outage_row = values.index(url(OUTAGE_AT))
+    names = [v.removeprefix(f"gs://{BUCKET}/") for v in values]
+    outage_row = names.index(OUTAGE_AT)
     db = geneva.connect(str(tmp_path / "db"))
     tbl = db.create_table("videos", pa.table({"video_uri": values}))
     tbl.add_columns(embedding_column(corpus_settings))
+    # one applier and a checkpoint per row, so that the rows before the outage are done
     backfill = functools.partial(
-        tbl.backfill,
-        "video_embedding",
-        num_gpus=0,
-        concurrency=1,
-        checkpoint_size=1,
-        task_size=len(values),
-        batch_checkpoint_flush_interval_seconds=0,
-    )  # fmt: skip: one applier, a checkpoint per row, so that the outage row is row k
+        tbl.backfill, "video_embedding", num_gpus=0, concurrency=1, checkpoint_size=1,
+        task_size=len(values), batch_checkpoint_flush_interval_seconds=0,
+    )  # fmt: skip
 
     gcs.reset()
-    gcs.every = 7
+    gcs.every = FAULT_EVERY
     gcs.outage_from(quote(OUTAGE_AT, safe=""), "stall")
-    started = time.monotonic()
     with pytest.raises(Exception) as failed:
         backfill()
-    print("run 1 s", time.monotonic() - started)
     assert (
         f"reading {url(OUTAGE_AT)} failed after {vu.RETRY_ATTEMPTS} attempts: FSTimeoutError()"
         in str(failed.value)
     )
     assert tbl.to_arrow()["video_embedding"].null_count == len(values)
-    first_run = gcs.snapshot()
-    stalled = [
-        r for r in first_run if r.fault == "stall" and r.path.endswith(quote(OUTAGE_AT, safe=""))
-    ]
-    print("stalled", len(stalled), gcs.faults_injected())
+    metadata_path = f"/o/{quote(OUTAGE_AT, safe='')}"
+    stalled = [r for r in gcs.snapshot() if r.path.endswith(metadata_path)]
+    assert [r.fault for r in stalled] == ["stall"] * vu.RETRY_ATTEMPTS
+    assert all(requests_for(gcs, name) for name in names[1:outage_row])
     injected = gcs.faults_injected()
 
     gcs.outage = None
     gcs.reset()
-    started = time.monotonic()
     backfill()
-    print("run 2 s", time.monotonic() - started, gcs.faults_injected())
     for fault, n in gcs.faults_injected().items():
         injected[fault] = injected.get(fault, 0) + n
-    print("injected", injected)
-
+    assert set(injected) == set(FAULTS)
+    assert [name for name in names[:outage_row] if requests_for(gcs, name)] == []
+    assert [name for name in names[outage_row:] if requests_for(gcs, name)] == names[outage_row:]
     stored = tbl.to_arrow().to_pylist()
     assert sorted(row["video_uri"] for row in stored) == sorted(values)
     for row in stored:
         name = row["video_uri"].removeprefix(f"gs://{BUCKET}/")
         expected = clean[name].rows if name in clean else np.zeros((1, 1024), np.float32)
         np.testing.assert_array_equal(np.array(row["video_embedding"]), expected)
-    names = [v.removeprefix(f"gs://{BUCKET}/") for v in values]
-    print(
-        "reads before",
-        [requests_for(gcs, n) for n in names[1:outage_row]],
-        "after",
-        [requests_for(gcs, n) for n in names[outage_row:]],
-    )
-    assert [n for n in names[1:outage_row] if requests_for(gcs, n)] == []
-    assert [n for n in names[outage_row:] if requests_for(gcs, n)] == names[outage_row:]
