@@ -230,9 +230,10 @@ def check_uri(uri: str, allowed_prefixes: Sequence[str]) -> None:
 
 def _as_url(value: str) -> str:
     """A local path or ``file://`` URL as ``file://`` + its normalised absolute path (keeping
-    a trailing slash, which makes a prefix stop at a folder); other URLs unchanged."""
+    a trailing slash, which makes a prefix stop at a folder); other URLs without their
+    credentials (``user:password@``), which do not change where they lead."""
     if "://" in value and not value.startswith("file://"):
-        return value
+        return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", value)
     path = value.removeprefix("file://")
     absolute = os.path.abspath(path) if path else ""
     if path.endswith("/") and not absolute.endswith("/"):
@@ -397,7 +398,19 @@ def decode_frames(
                     raise reader.error from None
                 raise UnreadableVideo(" ".join(str(e).split())) from e  # one log line
     except FileNotFoundError as e:  # missing at open, or deleted while being read
+        cause = e.__cause__
+        if cause is not None and _is_http_failure(cause):
+            raise cause from None
         raise UnreadableVideo("object does not exist") from e
+
+
+def _is_http_failure(error: BaseException) -> bool:
+    """fsspec's HTTP filesystem reports any failed request at open as a missing file: a
+    refused connection or a 503 is a storage fault, and only a 404 or 410 means missing."""
+    from aiohttp import ClientError
+
+    status = getattr(error, "status", None)
+    return isinstance(error, ClientError) and status not in (404, 410)
 
 
 def _check_frame_size(metadata: Any, max_pixels: int) -> None:
@@ -411,16 +424,20 @@ def _check_frame_size(metadata: Any, max_pixels: int) -> None:
 
 
 def _is_transient(error: BaseException) -> bool:
-    """Timeouts, resets, 5xx/429 and expired credentials: worth another try."""
+    """Timeouts, resets, 5xx/429 and expired credentials: worth another try. An HTTP
+    error response is judged by its status only (a 403 or a 404 is not transient)."""
     from gcsfs.retry import is_retriable
 
+    status = getattr(error, "status", None)  # aiohttp's ClientResponseError
+    if isinstance(status, int):
+        return status in (408, 429) or status >= 500
     return isinstance(error, (TimeoutError, ConnectionError)) or is_retriable(error)
 
 
 def _with_retries(action: Callable[[], T], *, what: str) -> T:
     """Run ``action``, retrying transient storage faults with jittered exponential
     backoff. The last fault is raised for Geneva to handle, never turned into data, as
-    ``_storage_error`` rewrites it."""
+    ``_storage_error`` rewrites it; URLs and errors are logged redacted."""
     attempt = 1
     while True:
         try:
@@ -439,10 +456,17 @@ def _with_retries(action: Callable[[], T], *, what: str) -> T:
             attempt,
             RETRY_ATTEMPTS,
             delay,
-            redact(repr(error)),
+            _describe(error),
         )
         time.sleep(delay)
         attempt += 1
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, redacted. Not ``repr``: an HTTP error's repr shows the request
+    headers, whose Authorization header carries the URL's credentials."""
+    text = str(error)
+    return redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
 def _storage_error(error: Exception, *, what: str, attempts: int) -> Exception:
@@ -451,7 +475,7 @@ def _storage_error(error: Exception, *, what: str, attempts: int) -> Exception:
     the traceback but chains no exception, since a chained message (an HTTP error's URL,
     say) could carry a credential or a signature."""
     tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-    message = f"reading {redact(what)} failed after {tries}: {redact(repr(error))}"
+    message = f"reading {redact(what)} failed after {tries}: {_describe(error)}"
     try:
         clear = type(error)(message)
     except Exception:

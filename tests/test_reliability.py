@@ -157,6 +157,17 @@ def test_8k_embeds_when_max_pixels_allows_it(settings: Settings, tmp_path: Path)
     assert np.isfinite(rows).all() and np.abs(rows).sum() > 0
 
 
+def test_object_over_max_video_bytes_is_not_fetched(
+    gcs: FaultProxy, corpus_settings: Settings
+) -> None:
+    """An object over MAX_VIDEO_BYTES gets the zero tensor from its size alone: its
+    metadata is read, not one byte of its content."""
+    gcs.reset()
+    s = dataclasses.replace(corpus_settings, max_video_bytes=1000)
+    assert embed_fn(s)(url(SIXTY)) == vu.zero_embedding()
+    assert gcs.gets() == 0 and requests_for(gcs, SIXTY) > 0
+
+
 # --- storage faults ---------------------------------------------------------------------
 
 
@@ -203,7 +214,7 @@ GCSFS_TRIES = 6
 @pytest.mark.parametrize(
     ("fault", "error", "message", "reads"),
     [
-        ("503", OSError, "HttpError('injected fault, 503')", vu.RETRY_ATTEMPTS * GCSFS_TRIES),
+        ("503", OSError, "HttpError: injected fault, 503", vu.RETRY_ATTEMPTS * GCSFS_TRIES),
     ],
 )
 def test_persistent_outage_fails_after_bounded_attempts(
@@ -274,7 +285,7 @@ def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
     with pytest.raises(Exception) as failed:
         backfill()
     assert (
-        f"reading {url(OUTAGE_AT)} failed after {vu.RETRY_ATTEMPTS} attempts: FSTimeoutError()"
+        f"reading {url(OUTAGE_AT)} failed after {vu.RETRY_ATTEMPTS} attempts: FSTimeoutError"
         in str(failed.value)
     )
     assert tbl.to_arrow()["video_embedding"].null_count == len(values)
