@@ -196,6 +196,8 @@ def resolve_uri(value: str, *, base_path: str | None) -> str:
 
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
+# an http(s) URL's query string, or anything shaped like "?key=value" (a query after a
+# space in an unquoted URL, say)
 _URL_QUERY = re.compile(r"(?i)(\bhttps?://[^?#\s'\"]*)\?[^#\s'\"]*|\?[^?=&#\s'\"]+=[^#\s'\"]*")
 
 
@@ -290,8 +292,8 @@ def open_video(
     """Open ``uri`` on its fsspec filesystem for streaming reads, never via local disk,
     after ``check_uri`` allowed it.
 
-    The URL is taken literally: ``#`` and ``?`` in a ``gs://`` or ``s3://`` value are part
-    of the object name (fsspec's URL parsing would read ``#123`` or ``?generation=123`` as a
+    The URL is taken literally: ``#`` and ``?`` in a ``gs://`` value are part of the
+    object name (fsspec's URL parsing would read ``#123`` or ``?generation=123`` as a
     GCS generation). http(s) redirects are not followed, since one could lead to a host
     that ``check_uri`` refuses. An object larger than ``max_bytes`` is refused unread."""
     check_uri(uri, allowed_prefixes)
