@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import functools
 import importlib
+import ipaddress
 import logging
 import os
 import queue
 import random
+import re
+import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 import numpy as np
@@ -40,6 +44,7 @@ __all__ = [
     "aggregate_mean",
     "aggregate_segment",
     "aggregate_weighted",
+    "check_uri",
     "decode_frames",
     "embed",
     "embed_videos",
@@ -47,6 +52,7 @@ __all__ = [
     "open_video",
     "pool_to_frames",
     "preprocess",
+    "redact",
     "resolve_uri",
     "sample_indices",
     "shrink",
@@ -82,6 +88,23 @@ NVDEC_STREAMS = 8
 """Clips decoded at once on NVDEC: torchcodec's direct backend peaked at 8 threads on an
 H100 (27.5 clips/s, README "Performance")."""
 
+DEFAULT_ALLOWED_URI_PREFIXES = (
+    "gs://",
+    "gcs://",
+    "s3://",
+    "s3a://",
+    "file://",
+    "http://",
+    "https://",
+)
+"""Object stores, local files, and http(s) to public hosts (see ``check_uri``)."""
+DEFAULT_MAX_PIXELS = 4096 * 2160
+"""DCI 4K, the largest 4K frame: every 4K variant passes, 8K (7680x4320) is refused. A 4K
+RGB frame is 26.5 MB, so 64 of them fit the UDF's memory beside the model; 64 8K frames
+(6.4 GB) would not."""
+DEFAULT_MAX_VIDEO_BYTES = 4 * 1024**3
+"""About 10 minutes of 4K at 50 Mbit/s, far more than a 64-frame clip needs."""
+
 T = TypeVar("T")
 Dtype = Literal["float32", "bfloat16"]
 Output = Literal["frames", "tokens"]
@@ -112,15 +135,28 @@ class Settings:
     """Clips per forward pass: 8 keeps ViT-L in bf16 near 2.5 GiB of GPU memory."""
     compile: bool = False
 
+    allowed_uri_prefixes: tuple[str, ...] = DEFAULT_ALLOWED_URI_PREFIXES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+
     def __post_init__(self) -> None:
         for name, value in (
             ("NUM_FRAMES", self.num_frames),
             ("BLOCK_SIZE", self.block_size),
             ("EMBED_BATCH", self.embed_batch),
             ("DECODE_WORKERS", 1 if self.decode_workers is None else self.decode_workers),
+            ("MAX_PIXELS", self.max_pixels),
+            ("MAX_VIDEO_BYTES", self.max_video_bytes),
         ):
             if value < 1:
                 raise ValueError(f"Invalid {name} ({value}). It must be at least 1.")
+        for prefix in self.allowed_uri_prefixes:
+            if "://" not in prefix and not prefix.startswith("/"):
+                raise ValueError(
+                    f"Invalid ALLOWED_URI_PREFIXES entry ({prefix!r}). Each entry is a scheme "
+                    "such as gs://, a URL prefix such as http://10.0.0.5:8080/videos/, or an "
+                    "absolute local path such as /data/videos/."
+                )
         _check_choice("VJEPA_DTYPE", self.dtype, Dtype, optional=True)
         _check_choice("EMBEDDING_OUTPUT", self.output, Output)
         _check_choice("VIDEO_DECODE_DEVICE", self.decode_device, DecodeDevice)
@@ -142,6 +178,11 @@ class Settings:
             decode_workers=_int_setting(env, "DECODE_WORKERS", None),
             embed_batch=_int_setting(env, "EMBED_BATCH", cls.embed_batch),
             compile=_bool_setting(env, "VJEPA_COMPILE", cls.compile),
+            allowed_uri_prefixes=_list_setting(
+                env, "ALLOWED_URI_PREFIXES", cls.allowed_uri_prefixes
+            ),
+            max_pixels=_int_setting(env, "MAX_PIXELS", cls.max_pixels),
+            max_video_bytes=_int_setting(env, "MAX_VIDEO_BYTES", cls.max_video_bytes),
         )
 
 
@@ -160,6 +201,12 @@ def _bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("", "0", "1", "false", "true"):
         return raw in ("1", "true") if raw else default
     raise ValueError(f"Invalid {name} ({env[name]!r}). Supported values are 0, 1, false, true.")
+
+
+def _list_setting(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list; unset or empty keeps the default."""
+    items = tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+    return items or default
 
 
 def _check_choice(name: str, value: object, mode: Any, *, optional: bool = False) -> None:
@@ -184,26 +231,142 @@ def resolve_uri(value: str, *, base_path: str | None) -> str:
     return value
 
 
-def open_video(uri: str, *, block_size: int) -> IO[bytes]:
-    """Open ``uri`` on its fsspec filesystem for streaming reads, never via local disk."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    # gcsfs splits a read of 10 MiB or more into parallel ranges, and blockcache asks for
-    # whole blocks past the end of the object: those ranges get 416 from GCS.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
+# an http(s) URL's query string, or anything shaped like "?key=value" (a query after a
+# space in an unquoted URL, say)
+_URL_QUERY = re.compile(r"(?i)(\bhttps?://[^?#\s'\"]*)\?[^#\s'\"]*|\?[^?=&#\s'\"]+=[^#\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials (``user:password@``) and the query strings of the URLs
+    in it replaced by ``<redacted>``: a signed URL's signature is in its query string. Used
+    on every URL and storage error that goes into a log line or an exception message."""
+    text = _URL_USERINFO.sub(r"\1<redacted>@", text)
+    return _URL_QUERY.sub(lambda m: f"{m[1] or ''}?<redacted>", text)
+
+
+def check_uri(uri: str, allowed_prefixes: Sequence[str]) -> None:
+    """Refuse, before any connection, a URL that ALLOWED_URI_PREFIXES does not allow.
+
+    A URL is allowed when it starts with one of the prefixes; local paths are compared as
+    ``file://`` + their absolute path, and other URLs with a ``.`` or ``..`` path segment
+    are refused. An ``http(s)`` URL allowed only by a bare ``http://`` or ``https://``
+    entry must name a public host: loopback, link-local (the cloud metadata service at
+    169.254.169.254 included), private and other non-public addresses, ``localhost`` and
+    ``metadata.google.internal`` are refused unless a longer prefix names them. The host's
+    name is resolved, but nothing connects to it."""
+    url = _as_url(uri)
+    matches = [p for p in map(_as_url, allowed_prefixes) if url.startswith(p)]
+    if not matches:
+        raise UnreadableVideo("URL not allowed: it matches no ALLOWED_URI_PREFIXES entry")
+    segments = unquote(urlsplit(url).path).split("/")
+    if not url.startswith("file://") and ("." in segments or ".." in segments):
+        raise UnreadableVideo("URL not allowed: its path has a '.' or '..' segment")
+    if max(matches, key=len) in ("http://", "https://"):
+        _check_public_host(url)
+
+
+def _as_url(value: str) -> str:
+    """A local path or ``file://`` URL as ``file://`` + its normalised absolute path (keeping
+    a trailing slash, which makes a prefix stop at a folder); other URLs without their
+    credentials (``user:password@``), which do not change where they lead."""
+    if "://" in value and not value.startswith("file://"):
+        return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", value)
+    path = value.removeprefix("file://")
+    absolute = os.path.abspath(path) if path else ""
+    if path.endswith("/") and not absolute.endswith("/"):
+        absolute += "/"
+    return f"file://{absolute}"
+
+
+_LOCAL_NAMES = ("localhost", "metadata", "metadata.google.internal")
+
+
+def _check_public_host(url: str) -> None:
+    """Refuse an http(s) URL whose host is not public, by name or by any address it
+    resolves to. An unresolvable name passes: nothing can connect to it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        raise UnreadableVideo("URL not allowed: its port is not a number from 0 to 65535") from None
+    if not host:
+        raise UnreadableVideo("URL not allowed: it has no host")
+    if host in _LOCAL_NAMES or host.endswith((".localhost", ".internal")):
+        raise UnreadableVideo(f"URL not allowed: host {host} is a local or metadata name")
+    try:
+        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # no such name: the open fails as it would anyway
+        return
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])  # drop an IPv6 scope
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not address.is_global or address.is_multicast:
+            raise UnreadableVideo(
+                f"URL not allowed: host {host} is {_address_kind(address)} ({address}); "
+                "list its prefix in ALLOWED_URI_PREFIXES to allow it"
+            )
+
+
+def _address_kind(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    return "private" if address.is_private else "not public"
+
+
+def open_video(
+    uri: str,
+    *,
+    block_size: int,
+    allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_URI_PREFIXES,
+    max_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+) -> IO[bytes]:
+    """Open ``uri`` on its fsspec filesystem for streaming reads, never via local disk,
+    after ``check_uri`` allowed it.
+
+    The URL is taken literally: ``#`` and ``?`` in a ``gs://`` value are part of the
+    object name (fsspec's URL parsing would read ``#123`` or ``?generation=123`` as a
+    GCS generation). http(s) redirects are not followed, since one could lead to a host
+    that ``check_uri`` refuses. An object larger than ``max_bytes`` is refused unread."""
+    check_uri(uri, allowed_prefixes)
+    fs = fsspec.filesystem(uri.split("://", 1)[0] if "://" in uri else "file")
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    options = {"concurrency": 1} if "gs" in protocols else {}
-    return fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
+    options: dict[str, Any] = {}
+    if "gs" in protocols:
+        # gcsfs splits a read of 10 MiB or more into parallel ranges, and blockcache asks
+        # for whole blocks past the end of the object: those ranges get 416 from GCS.
+        options["concurrency"] = 1
+    if "http" in protocols:
+        options["allow_redirects"] = False
+    path = fs._strip_protocol(uri)
+    file = fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
+    size = getattr(file, "size", None)
+    if size is not None and size > max_bytes:
+        file.close()
+        raise UnreadableVideo(f"object is {size} bytes, over MAX_VIDEO_BYTES ({max_bytes})")
+    return file
 
 
 class _StorageReader:
     """The file object torchcodec reads through. It remembers a storage error raised by
-    ``read`` or ``seek``, so that a network fault is never mistaken for a bad video."""
+    ``read`` or ``seek``, so that a network fault is never mistaken for a bad video, and
+    stops an object whose size was not known at open once it reads past ``max_bytes``."""
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], *, max_bytes: int) -> None:
         self._file = file
+        self._max_bytes = max_bytes
         self.error: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
-        return self._remembering(self._file.read, size)
+        data = self._remembering(self._file.read, size)
+        if self._file.tell() > self._max_bytes:
+            self.error = UnreadableVideo(f"read past MAX_VIDEO_BYTES ({self._max_bytes})")
+            raise self.error
+        return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._remembering(self._file.seek, offset, whence)
@@ -278,17 +441,27 @@ def decode_frames(
     *,
     num_frames: int,
     block_size: int,
+    allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_URI_PREFIXES,
+    max_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str = "cpu",
     shrink: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Stream ``uri`` into torchcodec on ``device`` and return its sampled frames,
-    ``(T, C, H, W)`` uint8, passed chunk by chunk through ``shrink`` when given."""
+    ``(T, C, H, W)`` uint8, passed chunk by chunk through ``shrink`` when given.
+
+    A header that declares a huge frame count or duration changes nothing: the exact scan
+    counts the frames that exist, and only those are sampled. A frame larger than
+    ``max_pixels`` is refused before any is decoded."""
     video_decoder = _video_decoder_class()
     try:
-        with open_video(uri, block_size=block_size) as file:
-            reader = _StorageReader(file)
+        with open_video(
+            uri, block_size=block_size, allowed_prefixes=allowed_prefixes, max_bytes=max_bytes
+        ) as file:
+            reader = _StorageReader(file, max_bytes=max_bytes)
             try:
                 decoder = _new_decoder(video_decoder, reader, device)
+                _check_frame_size(decoder.metadata, max_pixels)
                 indices = sample_indices(decoder.metadata.num_frames or 0, num_frames)
                 return _frames_in_chunks(decoder, indices, shrink)
             except (ValueError, RuntimeError) as e:
@@ -296,37 +469,89 @@ def decode_frames(
                     raise reader.error from None
                 raise UnreadableVideo(" ".join(str(e).split())) from e  # one log line
     except FileNotFoundError as e:  # missing at open, or deleted while being read
+        cause = e.__cause__
+        if cause is not None and _is_http_failure(cause):
+            raise cause from None
         raise UnreadableVideo("object does not exist") from e
 
 
+def _is_http_failure(error: BaseException) -> bool:
+    """fsspec's HTTP filesystem reports any failed request at open as a missing file: a
+    refused connection or a 503 is a storage fault, and only a 404 or 410 means missing."""
+    from aiohttp import ClientError
+
+    status = getattr(error, "status", None)
+    return isinstance(error, ClientError) and status not in (404, 410)
+
+
+def _check_frame_size(metadata: Any, max_pixels: int) -> None:
+    """Refuse, from the stream's header, frames larger than MAX_PIXELS."""
+    width, height = metadata.width or 0, metadata.height or 0
+    if width * height > max_pixels:
+        raise UnreadableVideo(
+            f"frame size {width}x{height} ({width * height} pixels) is over "
+            f"MAX_PIXELS ({max_pixels})"
+        )
+
+
 def _is_transient(error: BaseException) -> bool:
-    """Timeouts, resets, 5xx/429 and expired credentials: worth another try."""
+    """Timeouts, resets, 5xx/429 and expired credentials: worth another try. An HTTP
+    error response is judged by its status only (a 403 or a 404 is not transient)."""
     from gcsfs.retry import is_retriable
 
+    status = getattr(error, "status", None)  # aiohttp's ClientResponseError
+    if isinstance(status, int):
+        return status in (408, 429) or status >= 500
     return isinstance(error, (TimeoutError, ConnectionError)) or is_retriable(error)
 
 
 def _with_retries(action: Callable[[], T], *, what: str) -> T:
     """Run ``action``, retrying transient storage faults with jittered exponential
-    backoff. The last fault is raised for Geneva to handle, never turned into data."""
+    backoff. The last fault is raised for Geneva to handle, never turned into data, as
+    ``_storage_error`` rewrites it; URLs and errors are logged redacted."""
     attempt = 1
     while True:
         try:
             return action()
+        except UnreadableVideo:
+            raise
         except Exception as e:
-            if attempt == RETRY_ATTEMPTS or not _is_transient(e):
-                raise
-            delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1) * (0.5 + random.random())
-            logger.warning(
-                "transient fault reading %s (attempt %d of %d), retrying in %.1fs: %r",
-                what,
-                attempt,
-                RETRY_ATTEMPTS,
-                delay,
-                e,
-            )
-            time.sleep(delay)
-            attempt += 1
+            error = e
+        if attempt == RETRY_ATTEMPTS or not _is_transient(error):
+            # raised outside the except block, so that it chains no exception
+            raise _storage_error(error, what=what, attempts=attempt)
+        delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1) * (0.5 + random.random())
+        logger.warning(
+            "transient fault reading %s (attempt %d of %d), retrying in %.1fs: %s",
+            redact(what),
+            attempt,
+            RETRY_ATTEMPTS,
+            delay,
+            _describe(error),
+        )
+        time.sleep(delay)
+        attempt += 1
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, redacted. Not ``repr``: an HTTP error's repr shows the request
+    headers, whose Authorization header carries the URL's credentials."""
+    text = str(error)
+    return redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+
+
+def _storage_error(error: Exception, *, what: str, attempts: int) -> Exception:
+    """``error``, of the same type where it can be built from a message (else an
+    ``OSError``), with a message that names the URL and the attempts, redacted. It keeps
+    the traceback but chains no exception, since a chained message (an HTTP error's URL,
+    say) could carry a credential or a signature."""
+    tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+    message = f"reading {redact(what)} failed after {tries}: {_describe(error)}"
+    try:
+        clear = type(error)(message)
+    except Exception:
+        clear = OSError(message)
+    return clear.with_traceback(error.__traceback__)
 
 
 class _DecodeEngines:
@@ -361,13 +586,16 @@ class _DecodeEngines:
             uri,
             num_frames=settings.num_frames,
             block_size=settings.block_size,
+            allowed_prefixes=settings.allowed_uri_prefixes,
+            max_bytes=settings.max_video_bytes,
+            max_pixels=settings.max_pixels,
             device=device,
             shrink=shrink,
         )
 
     def _note_nvdec_failure(self, uri: str, error: UnreadableVideo, settings: Settings) -> None:
         if "Unsupported device" not in str(error):
-            logger.info("NVDEC cannot decode %s (%s); decoding it on the CPU", uri, error)
+            logger.info("NVDEC cannot decode %s (%s); decoding it on the CPU", redact(uri), error)
             return
         if settings.decode_device == "cuda":
             raise RuntimeError(
@@ -630,7 +858,7 @@ def _clip_or_none(future: Future[torch.Tensor], uri: str | None) -> torch.Tensor
     try:
         return future.result()
     except UnreadableVideo as e:
-        logger.warning("zero embedding for %s: %s", uri, e)
+        logger.warning("zero embedding for %s: %s", redact(str(uri)), redact(str(e)))
         return None
 
 

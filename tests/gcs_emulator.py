@@ -1,4 +1,5 @@
-"""A real GCS emulator (fake-gcs-server) plus a request-counting proxy, for tests and benchmarks.
+"""A real GCS emulator (fake-gcs-server) plus a request-counting proxy, for tests and benchmarks,
+and a fault-injecting proxy built on it.
 
 Why: the UDF streams videos from object storage, and how many GETs / bytes a read strategy costs
 only shows up against a real HTTP server. fake-gcs-server speaks the GCS JSON API well enough for
@@ -24,6 +25,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
 _BINARY = "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
@@ -170,6 +172,8 @@ class Request:
     range: str | None
     status: int
     bytes_out: int
+    fault: str | None = None
+    """The fault a ``FaultProxy`` injected instead of the upstream's answer, if any."""
 
     @property
     def is_media_get(self) -> bool:
@@ -269,13 +273,7 @@ class CountingProxy(_Service):
                     super().handle()
 
             def _forward(self) -> None:
-                # request bodies need Content-Length (gcsfs and urllib send it; no chunked uploads)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                self.upstream.request(self.command, self.path, body=body, headers=headers)
-                resp = self.upstream.getresponse()
-                data = resp.read()
+                resp, data = self._fetch_upstream()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
@@ -284,10 +282,7 @@ class CountingProxy(_Service):
                     self.send_header("Content-Length", str(len(data)))
                 else:
                     self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
-                rec = Request(self.command, self.path, self.headers.get("Range"), resp.status,
-                              len(data))  # fmt: skip
-                with proxy._lock:
-                    proxy.requests.append(rec)
+                self._record(resp.status, len(data))
                 try:
                     self.end_headers()
                     if self.command != "HEAD":
@@ -295,9 +290,180 @@ class CountingProxy(_Service):
                 except ConnectionError:  # client gave up (e.g. a cancelled prefetch)
                     self.close_connection = True
 
+            def _fetch_upstream(self) -> tuple[http.client.HTTPResponse, bytes]:
+                # request bodies need Content-Length (gcsfs and urllib send it; no chunked uploads)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                self.upstream.request(self.command, self.path, body=body, headers=headers)
+                resp = self.upstream.getresponse()
+                return resp, resp.read()
+
+            def _record(self, status: int, bytes_out: int, fault: str | None = None) -> None:
+                rec = Request(self.command, self.path, self.headers.get("Range"), status,
+                              bytes_out, fault)  # fmt: skip
+                with proxy._lock:
+                    proxy.requests.append(rec)
+
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass  # keep test output quiet
 
         return Handler
+
+
+FAULTS = ("503", "429", "reset", "stall")
+"""What a ``FaultProxy`` can do instead of forwarding a request: answer 503 or 429, reset
+the connection halfway through the body, or stall without answering."""
+
+
+class FaultProxy(CountingProxy):
+    """A ``CountingProxy`` that injects storage faults, for tests of retries and outages.
+
+    Every ``every``-th request (counting all requests, 0 for none) gets the next fault of
+    ``faults`` in turn; while ``outage`` is set to a fault, every request gets it (see also
+    ``outage_from``); ``fault_next`` aims one fault at one request. A stall holds the
+    request for ``stall_s`` seconds (past the client's timeout), then drops the connection
+    unanswered. Everything is bounded: a connection
+    serves at most ``max_requests`` requests and idles at most 30 s, a stall ends at
+    ``stall_s`` or at ``stop()``, and the proxy stops by itself ``lifetime_s`` seconds
+    after ``start()``, should a test never stop it.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        every: int = 0,
+        faults: tuple[str, ...] = FAULTS,
+        stall_s: float = 5.0,
+        max_requests: int = 1000,
+        lifetime_s: float = 600.0,
+    ) -> None:
+        super().__init__(upstream)
+        assert set(faults) <= set(FAULTS), faults
+        self.every = every
+        self.faults = faults
+        self.stall_s = stall_s
+        self.max_requests = max_requests
+        self.lifetime_s = lifetime_s
+        self.outage: str | None = None
+        self._outage_trigger: tuple[str, str] | None = None
+        self._next: list[tuple[str, str]] = []
+        self._count = 0
+        self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._watchdog: threading.Timer | None = None
+
+    def start(self) -> Self:
+        """Serve, and arm the watchdog that stops the proxy after ``lifetime_s``."""
+        self._stopping.clear()
+        super().start()
+        self._watchdog = threading.Timer(self.lifetime_s, self.stop)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return self
+
+    def stop(self) -> None:
+        """End every stall at once, then stop as a ``CountingProxy`` does."""
+        self._stopping.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.cancel()
+        with self._stop_lock:
+            super().stop()
+
+    def reset(self) -> None:
+        """Forget recorded requests and restart the count that ``every`` applies to."""
+        super().reset()
+        with self._lock:
+            self._count = 0
+
+    def outage_from(self, path_part: str, fault: str) -> None:
+        """Start an outage of ``fault`` with the first request whose path contains
+        ``path_part`` (e.g. an object's quoted name): storage that fails midway."""
+        with self._lock:
+            self._outage_trigger = (path_part, fault)
+
+    def fault_next(self, path_part: str, fault: str) -> None:
+        """Give ``fault`` to the next request whose path contains ``path_part`` (once)."""
+        with self._lock:
+            self._next.append((path_part, fault))
+
+    def faults_injected(self) -> dict[str, int]:
+        """How many requests got each fault."""
+        out: dict[str, int] = {}
+        for r in self.snapshot():
+            if r.fault is not None:
+                out[r.fault] = out.get(r.fault, 0) + 1
+        return out
+
+    def _next_fault(self, path: str) -> str | None:
+        with self._lock:
+            if self._outage_trigger is not None and self._outage_trigger[0] in path:
+                self.outage = self._outage_trigger[1]
+                self._outage_trigger = None
+            if self.outage is not None:
+                return self.outage
+            for aimed in self._next:
+                if aimed[0] in path:
+                    self._next.remove(aimed)
+                    return aimed[1]
+            self._count += 1
+            if self.every and self._count % self.every == 0:
+                return self.faults[(self._count // self.every - 1) % len(self.faults)]
+            return None
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+        base: Any = super()._handler_class()
+
+        class FaultHandler(base):  # type: ignore[misc, valid-type]
+            def handle(self) -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(proxy.max_requests):
+                        self.handle_one_request()
+                        if self.close_connection:
+                            return
+
+            def _inject(self) -> None:
+                fault = proxy._next_fault(self.path)
+                if fault is None:
+                    self._forward()
+                elif fault in ("503", "429"):
+                    self._error_response(int(fault))
+                elif fault == "reset":
+                    self._reset_mid_body()
+                else:
+                    self._record(0, 0, "stall")
+                    proxy._stopping.wait(proxy.stall_s)
+                    self.close_connection = True
+
+            def _error_response(self, status: int) -> None:
+                body = json.dumps({"error": {"code": status, "message": "injected fault"}})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+                self._record(status, 0, str(status))
+
+            def _reset_mid_body(self) -> None:
+                """Send the headers and half the body, then reset the connection (RST)."""
+                resp, data = self._fetch_upstream()
+                half = data[: len(data) // 2]
+                with contextlib.suppress(ConnectionError):
+                    if data:
+                        self.send_response(resp.status, resp.reason)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(half)
+                    linger = struct.pack("ii", 1, 0)  # close with RST instead of FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    os.close(self.connection.detach())  # now, not when the handler ends
+                self._record(resp.status, len(half), "reset")
+                self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _inject
+
+        return FaultHandler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,13 @@ class FaultyFileSystem(LocalFileSystem):
 
         file.read = read
         return file
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The session's settings, with the ``faulty://`` test filesystem allowed."""
+    prefixes = (*settings.allowed_uri_prefixes, "faulty://")
+    return dataclasses.replace(settings, allowed_uri_prefixes=prefixes)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Iterator
@@ -34,6 +35,13 @@ def http_base(shared_videos: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def settings(settings: Settings, http_base: str) -> Settings:
+    """The session's settings, with the loopback server explicitly allowed."""
+    prefixes = (*settings.allowed_uri_prefixes, f"{http_base}/")
+    return dataclasses.replace(settings, allowed_uri_prefixes=prefixes)
 
 
 def test_http_video_matches_local(http_base: str, settings: Settings, shared_videos: Path) -> None:

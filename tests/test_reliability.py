@@ -1,0 +1,311 @@
+"""Bad inputs, storage faults and a resumed backfill, all read from gs:// through a real GCS
+emulator with a fault-injecting proxy in front.
+
+The corpus (tests/corpus.py) is stored under odd object names; each entry must give its
+stated result, directly and through a real Geneva backfill. The backfill runs with a fault
+every few requests and an outage that starts midway, which fails it; the rerun resumes from
+Geneva's checkpoints. Recomputed rows are counted as requests per object at the proxy, so
+the count does not depend on how the UDF batches its calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import quote, unquote_plus
+
+import fsspec
+import gcsfs
+import geneva
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import embed_fn
+from corpus import ENTRIES, HUGE_DURATION_MS, HUGE_FRAME_COUNT, SIXTY, build, eight_k
+from gcs_emulator import FAULTS, FaultProxy, GcsEmulator
+from torchcodec.decoders import VideoDecoder
+
+import video_embeddings_udf as vu
+from video_embeddings_udf import Settings, embedding_column
+
+BUCKET = "corpus"
+NUM_FRAMES = 16
+CLIENT_TIMEOUT_S = 2
+"""gcsfs's request timeout here (its default is aiohttp's 5 minutes): a stall past it
+raises TimeoutError, which gcsfs leaves to the UDF to retry."""
+REFUSED_URL = "http://169.254.169.254/computeMetadata/v1/video.mp4"
+
+
+def url(name: str) -> str:
+    return f"gs://{BUCKET}/{name}"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory: pytest.TempPathFactory, clips: dict[str, Path]) -> Iterator[FaultProxy]:
+    """The corpus in the emulator, a fault proxy in front (injecting nothing until a test
+    says so), and gcsfs pointed at the proxy, here and in Ray workers (through the
+    environment), with a CLIENT_TIMEOUT_S request timeout."""
+    objects = build(tmp_path_factory.mktemp("corpus"), clips)
+    options = {"token": "anon", "requests_timeout": CLIENT_TIMEOUT_S}
+    with (
+        GcsEmulator() as emulator,
+        FaultProxy(emulator.endpoint, stall_s=CLIENT_TIMEOUT_S + 2) as proxy,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        for name, data in objects.items():
+            emulator.upload(BUCKET, name, data)
+        patch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        patch.setenv("FSSPEC_GCS", json.dumps(options))  # read by fsspec in the Ray workers
+        patch.setitem(fsspec.config.conf, "gcs", options)
+        gcsfs.GCSFileSystem.clear_instance_cache()  # none may point at another test's proxy
+        yield proxy
+        gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def corpus_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, num_frames=NUM_FRAMES)
+
+
+@dataclasses.dataclass
+class Result:
+    rows: np.ndarray
+    log_lines: list[str]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == vu.__name__ and "CUDA" not in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def clean(gcs: FaultProxy, corpus_settings: Settings) -> dict[str, Result]:
+    """Each corpus entry embedded by a direct call, with no fault injected, and the
+    UDF's log lines for it: the reference for every test here."""
+    fn = embed_fn(corpus_settings)
+    logger = logging.getLogger(vu.__name__)
+    out = {}
+    for entry in ENTRIES:
+        handler = _Lines()
+        logger.addHandler(handler)
+        try:
+            rows = np.stack(fn(url(entry.name)))
+        finally:
+            logger.removeHandler(handler)
+        out[entry.name] = Result(rows, handler.lines)
+    assert gcs.faults_injected() == {}
+    return out
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+def test_corpus_entry_gives_its_stated_result(entry, clean: dict[str, Result]) -> None:
+    """A video that cannot be processed gives the zero tensor and exactly one log line
+    with its reason; every other entry gives NUM_FRAMES finite, non-zero rows, equal to
+    the entry it is stated to embed like."""
+    result = clean[entry.name]
+    if entry.reason is not None:
+        np.testing.assert_array_equal(result.rows, np.zeros((1, 1024), np.float32))
+        assert len(result.log_lines) == 1
+        assert result.log_lines[0].startswith(f"zero embedding for {url(entry.name)}: ")
+        assert entry.reason in result.log_lines[0]
+        return
+    assert result.log_lines == []
+    assert result.rows.shape == (NUM_FRAMES, 1024)
+    assert np.isfinite(result.rows).all() and np.abs(result.rows).sum() > 0
+    if entry.same_as is not None:
+        np.testing.assert_array_equal(result.rows, clean[entry.same_as].rows)
+
+
+def test_hostile_headers_really_declare_huge_values(gcs: FaultProxy, tmp_path: Path) -> None:
+    """The hostile entries (which embed exactly like the file they were patched from) do
+    declare 2**31 - 1 frames and a 1e15 ms (31,700-year) duration: only the frames the
+    exact scan finds are sampled, so neither makes the sampler allocate or seek past
+    them."""
+    fs = fsspec.filesystem("gs")
+    frames = fs.cat_file(f"{BUCKET}/hostile/2147483647 frames declared.mp4")
+    metadata = VideoDecoder(frames, seek_mode="exact").metadata
+    assert metadata.num_frames_from_header == HUGE_FRAME_COUNT
+    assert metadata.num_frames == 60
+    mkv = tmp_path / "duration.mkv"
+    mkv.write_bytes(fs.cat_file(f"{BUCKET}/hostile/1e15 ms duration declared.mkv"))
+    probe = ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"]
+    declared = float(subprocess.run([*probe, str(mkv)], capture_output=True, text=True).stdout)
+    assert declared == pytest.approx(HUGE_DURATION_MS / 1000)  # seconds
+    assert VideoDecoder(str(mkv), seek_mode="exact").metadata.num_frames == 60
+
+
+def test_8k_embeds_when_max_pixels_allows_it(settings: Settings, tmp_path: Path) -> None:
+    """With MAX_PIXELS raised to 7680x4320, a very short 8K clip (2 frames, NUM_FRAMES=2)
+    embeds to a non-zero [2, 1024]; with the default it is refused (see the corpus)."""
+    clip = tmp_path / "8k.mp4"
+    eight_k(clip)
+    s = dataclasses.replace(settings, num_frames=2, max_pixels=7680 * 4320)
+    rows = np.stack(embed_fn(s)(str(clip)))
+    assert rows.shape == (2, 1024)
+    assert np.isfinite(rows).all() and np.abs(rows).sum() > 0
+
+
+def test_object_over_max_video_bytes_is_not_fetched(
+    gcs: FaultProxy, corpus_settings: Settings
+) -> None:
+    """An object over MAX_VIDEO_BYTES gets the zero tensor from its size alone: its
+    metadata is read, not one byte of its content."""
+    gcs.reset()
+    s = dataclasses.replace(corpus_settings, max_video_bytes=1000)
+    assert np.array_equal(embed_fn(s)(url(SIXTY)), vu.zero_embedding())
+    assert gcs.gets() == 0 and requests_for(gcs, SIXTY) > 0
+
+
+# --- storage faults ---------------------------------------------------------------------
+
+
+def requests_for(proxy: FaultProxy, name: str) -> int:
+    """Requests whose path names the object ``name`` (a read, its metadata, a listing)."""
+    return sum(name in unquote_plus(r.path) for r in proxy.snapshot())
+
+
+@pytest.fixture
+def faults(gcs: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """The fault proxy, counting from zero; the UDF's backoff is cut to zero in this
+    process (its schedule is unchanged: 4 attempts). Faults are switched off afterwards."""
+    monkeypatch.setattr(vu, "RETRY_BASE_DELAY_S", 0.0)
+    gcs.reset()
+    yield gcs
+    gcs.every, gcs.faults, gcs.outage = 0, FAULTS, None
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_transient_fault_is_retried_to_the_clean_result(
+    faults: FaultProxy,
+    fault: str,
+    corpus_settings: Settings,
+    clean: dict[str, Result],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the video's read answered 503 or 429, reset halfway through its body, or
+    stalled past the client's timeout, the video still embeds to exactly its clean rows:
+    gcsfs retries the first three itself, the UDF retries the stall. No zero tensor."""
+    faults.fault_next("alt=media", fault)
+    with caplog.at_level(logging.WARNING, logger=vu.__name__):
+        rows = np.stack(embed_fn(corpus_settings)(url(SIXTY)))
+    np.testing.assert_array_equal(rows, clean[SIXTY].rows)
+    assert faults.faults_injected() == {fault: 1}
+    retries = [r.getMessage() for r in caplog.records if "transient fault" in r.getMessage()]
+    assert len(retries) == (fault == "stall")
+    assert not [r for r in caplog.records if "zero embedding" in r.getMessage()]
+
+
+GCSFS_TRIES = 6
+"""gcsfs tries each request 6 times (5 retries, sleeping about 1, 2, 4, 8, 16 s)."""
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "message", "reads"),
+    [
+        ("503", OSError, "HttpError: injected fault, 503", vu.RETRY_ATTEMPTS * GCSFS_TRIES),
+    ],
+)
+def test_persistent_outage_fails_after_bounded_attempts(
+    faults: FaultProxy,
+    fault: str,
+    error: type[Exception],
+    message: str,
+    reads: int,
+    corpus_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 503 outage raises a clear error, and no zero tensor, after 4 UDF attempts of 6
+    gcsfs tries each of the object's metadata GET. The sleeps between tries are cut to
+    zero in this process; in production they bound such an outage to about 2.3 minutes
+    per row (4 x 33 s of gcsfs backoff plus the UDF's 1, 2 and 4 s). A stalled storage
+    fails in 4 request timeouts plus that backoff: see the backfill test below."""
+    real_sleep = asyncio.sleep
+
+    async def no_sleep(delay: float) -> None:
+        await real_sleep(0)
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", SimpleNamespace(sleep=no_sleep))
+    faults.outage = fault
+    with pytest.raises(error) as raised:
+        embed_fn(corpus_settings)(url(SIXTY))
+    assert str(raised.value) == (
+        f"reading {url(SIXTY)} failed after {vu.RETRY_ATTEMPTS} attempts: {message}"
+    )
+    metadata_gets = [r for r in faults.snapshot() if r.path.endswith("/o/odd%2Fsixty%20frames.mp4")]
+    assert len(metadata_gets) == reads
+    assert {r.fault for r in faults.snapshot()} == {fault}
+
+
+OUTAGE_AT = "odd/10-bit.mp4"
+"""The object whose first read starts the outage, midway through the table."""
+FAULT_EVERY = 10
+"""A fault every 10 requests: 503, 429, reset and stall in turn, each at least once."""
+
+
+def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
+    gcs: FaultProxy,
+    clean: dict[str, Result],
+    corpus_settings: Settings,
+    tmp_path: Path,
+    local_ray: None,
+) -> None:
+    """One Geneva backfill over the corpus and a refused metadata-server URL, on local Ray,
+    with a fault every FAULT_EVERY requests. When it reaches OUTAGE_AT the storage stalls
+    for good: the job fails with an error naming that object after exactly 4 timed-out
+    attempts, and writes nothing (so no zeros). The rerun resumes: no row that Geneva
+    checkpointed before the outage is read again, every later row is read, and every row
+    ends with exactly its clean result, once."""
+    values = [REFUSED_URL, *(url(e.name) for e in ENTRIES)]
+    names = [v.removeprefix(f"gs://{BUCKET}/") for v in values]
+    outage_row = names.index(OUTAGE_AT)
+    db = geneva.connect(str(tmp_path / "db"))
+    tbl = db.create_table("videos", pa.table({"video_uri": values}))
+    tbl.add_columns(embedding_column(corpus_settings))
+    # one applier and a checkpoint per row, so that the rows before the outage are done
+    backfill = functools.partial(
+        tbl.backfill, "video_embedding", num_gpus=0, concurrency=1, checkpoint_size=1,
+        task_size=len(values), batch_checkpoint_flush_interval_seconds=0,
+    )  # fmt: skip
+
+    gcs.reset()
+    gcs.every = FAULT_EVERY
+    gcs.outage_from(quote(OUTAGE_AT, safe=""), "stall")
+    with pytest.raises(Exception) as failed:
+        backfill()
+    assert (
+        f"reading {url(OUTAGE_AT)} failed after {vu.RETRY_ATTEMPTS} attempts: FSTimeoutError"
+        in str(failed.value)
+    )
+    assert tbl.to_arrow()["video_embedding"].null_count == len(values)
+    metadata_path = f"/o/{quote(OUTAGE_AT, safe='')}"
+    stalled = [r for r in gcs.snapshot() if r.path.endswith(metadata_path)]
+    assert [r.fault for r in stalled] == ["stall"] * vu.RETRY_ATTEMPTS
+    assert all(requests_for(gcs, name) for name in names[1:outage_row])
+    injected = gcs.faults_injected()
+
+    gcs.outage = None
+    gcs.reset()
+    backfill()
+    for fault, n in gcs.faults_injected().items():
+        injected[fault] = injected.get(fault, 0) + n
+    assert set(injected) == set(FAULTS)
+    assert [name for name in names[:outage_row] if requests_for(gcs, name)] == []
+    assert [name for name in names[outage_row:] if requests_for(gcs, name)] == names[outage_row:]
+    stored = tbl.to_arrow().to_pylist()
+    assert sorted(row["video_uri"] for row in stored) == sorted(values)
+    for row in stored:
+        name = row["video_uri"].removeprefix(f"gs://{BUCKET}/")
+        expected = clean[name].rows if name in clean else np.zeros((1, 1024), np.float32)
+        np.testing.assert_array_equal(np.array(row["video_embedding"]), expected)
