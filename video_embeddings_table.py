@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -332,8 +332,9 @@ def _backfill(
 def _run_on(
     db: geneva.db.Connection, cluster: str | None, manifest: str | None
 ) -> AbstractContextManager[Any]:
-    """Where the backfills run: a defined Geneva cluster, or local Ray."""
-    return db.context(cluster=cluster, manifest=manifest) if cluster else nullcontext()
+    """Where the backfills run: a defined Geneva cluster, or Geneva's local Ray (stopped
+    when the context ends)."""
+    return db.context(cluster=cluster, manifest=manifest) if cluster else db.local_ray_context()
 
 
 def _existing_table(db_path: str, table: str) -> geneva.table.Table | None:

@@ -18,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import lance
 import numpy as np
 import pytest
@@ -151,6 +152,36 @@ def test_find_videos_in_folder_glob_and_file(clip_dir: Path) -> None:
     found = vt.find_videos([f"file://{clip_dir}/bikes.mp4", str(clip_dir / "missing")])
     assert list(found.videos) == [str(clip_dir / "bikes.mp4")]
     assert found.skipped == 0
+
+
+def test_find_videos_under_an_object_store_prefix(
+    shared_videos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gs:// prefix is listed recursively on a real GCS emulator: videos come back as
+    gs:// URLs with their sizes, the other object is counted as skipped."""
+    import gcsfs
+    from gcs_emulator import GcsEmulator
+
+    bikes, av1 = (
+        (shared_videos / "bikes.mp4").read_bytes(),
+        (shared_videos / "av1_video.mkv").read_bytes(),
+    )
+    with GcsEmulator() as emulator:
+        emulator.upload("videos", "clips/bikes.mp4", bikes)
+        emulator.upload("videos", "clips/more/av1_video.mkv", av1)
+        emulator.upload("videos", "clips/notes.txt", b"not a video")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.endpoint)
+        monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
+        gcsfs.GCSFileSystem.clear_instance_cache()  # no instance bound to another endpoint
+        try:
+            found = vt.find_videos(["gs://videos/clips/"])
+        finally:
+            gcsfs.GCSFileSystem.clear_instance_cache()
+    assert found.videos == {
+        "gs://videos/clips/bikes.mp4": len(bikes),
+        "gs://videos/clips/more/av1_video.mkv": len(av1),
+    }
+    assert found.skipped == 1
 
 
 def test_progress_counts_this_runs_videos_from_genevas_job_tracker(
