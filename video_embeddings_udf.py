@@ -331,7 +331,9 @@ def open_video(
     The URL is taken literally: ``#`` and ``?`` in a ``gs://`` value are part of the
     object name (fsspec's URL parsing would read ``#123`` or ``?generation=123`` as a
     GCS generation). http(s) redirects are not followed, since one could lead to a host
-    that ``check_uri`` refuses. An object larger than ``max_bytes`` is refused unread."""
+    that ``check_uri`` refuses. An object larger than ``max_bytes`` is refused unread, and
+    so is one of unknown size (an http(s) answer without a Content-Length), which can be
+    neither capped nor seeked."""
     check_uri(uri, allowed_prefixes)
     fs = fsspec.filesystem(uri.split("://", 1)[0] if "://" in uri else "file")
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
@@ -345,28 +347,24 @@ def open_video(
     path = fs._strip_protocol(uri)
     file = fs.open(path, "rb", block_size=block_size, cache_type=CACHE_TYPE, **options)
     size = getattr(file, "size", None)
-    if size is not None and size > max_bytes:
+    if size is None or size > max_bytes:
         file.close()
+        if size is None:
+            raise UnreadableVideo("object size is unknown (no Content-Length)")
         raise UnreadableVideo(f"object is {size} bytes, over MAX_VIDEO_BYTES ({max_bytes})")
     return file
 
 
 class _StorageReader:
     """The file object torchcodec reads through. It remembers a storage error raised by
-    ``read`` or ``seek``, so that a network fault is never mistaken for a bad video, and
-    stops an object whose size was not known at open once it reads past ``max_bytes``."""
+    ``read`` or ``seek``, so that a network fault is never mistaken for a bad video."""
 
-    def __init__(self, file: IO[bytes], *, max_bytes: int) -> None:
+    def __init__(self, file: IO[bytes]) -> None:
         self._file = file
-        self._max_bytes = max_bytes
         self.error: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
-        data = self._remembering(self._file.read, size)
-        if self._file.tell() > self._max_bytes:
-            self.error = UnreadableVideo(f"read past MAX_VIDEO_BYTES ({self._max_bytes})")
-            raise self.error
-        return data
+        return self._remembering(self._file.read, size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._remembering(self._file.seek, offset, whence)
@@ -458,7 +456,7 @@ def decode_frames(
         with open_video(
             uri, block_size=block_size, allowed_prefixes=allowed_prefixes, max_bytes=max_bytes
         ) as file:
-            reader = _StorageReader(file, max_bytes=max_bytes)
+            reader = _StorageReader(file)
             try:
                 decoder = _new_decoder(video_decoder, reader, device)
                 _check_frame_size(decoder.metadata, max_pixels)

@@ -102,9 +102,9 @@ def test_fault_proxy_injects_each_fault_in_turn() -> None:
     """With a fault every second request, the faults come in turn: 503, 429, a reset
     halfway through the body, a stall past the client's timeout; the other requests are
     forwarded, and each fault is recorded."""
-    with GcsEmulator() as emu, FaultProxy(emu.endpoint, every=2, stall_s=2.0) as proxy:
+    with GcsEmulator() as emu, FaultProxy(emu.endpoint, every=2, stall_s=3.0) as proxy:
         emu.upload(BUCKET, "a.bin", os.urandom(10_000))
-        got = [_get(proxy.endpoint, "a.bin", timeout=1.0) for _ in range(8)]
+        got = [_get(proxy.endpoint, "a.bin", timeout=2.0) for _ in range(8)]
         assert got == [200, 503, 200, 429, 200, "reset", 200, "timeout"]
         assert proxy.faults_injected() == {"503": 1, "429": 1, "reset": 1, "stall": 1}
         (reset,) = [r for r in proxy.snapshot() if r.fault == "reset"]
