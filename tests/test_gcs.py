@@ -78,19 +78,32 @@ def test_blocks_are_fetched_once_each(gcs: CountingProxy, shared_videos: Path) -
 def test_backfill_from_gcs_with_base_path(
     gcs: CountingProxy, settings: Settings, tmp_path: Path, local_ray: None
 ) -> None:
-    """A Geneva backfill on local Ray reads bare names relative to VIDEO_BASE_PATH=gs://…,
-    including a name with a space, non-ASCII and '#'; a missing object gets the zero
-    tensor; every other row equals a direct call."""
-    s = Settings(model=settings.model, num_frames=16, video_base_path=f"gs://{BUCKET}/clips")
+    """A Geneva backfill on local Ray, with the URL and embedding columns named by
+    VIDEO_URI_COL and VIDEO_EMBEDDING_COL, reads bare names relative to
+    VIDEO_BASE_PATH=gs://…, including a name with a space, non-ASCII and '#'; a missing
+    object gets the zero tensor; every other row equals a direct call; and searching with
+    a video's own matrix ranks that video first."""
+    s = Settings(
+        model=settings.model,
+        num_frames=16,
+        video_base_path=f"gs://{BUCKET}/clips",
+        video_uri_col="path",
+        embedding_col="emb",
+    )
     names = ["bikes.mp4", "av1_video.mkv", ODD_NAME.removeprefix("clips/"), "missing.mp4"]
     db = geneva.connect(str(tmp_path / "db"))
-    tbl = db.create_table("videos", pa.table({"video_uri": names}))
+    tbl = db.create_table("videos", pa.table({"path": names}))
     tbl.add_columns(embedding_column(s))
-    tbl.backfill("video_embedding", num_gpus=0)
-    stored = {r["video_uri"]: np.array(r["video_embedding"]) for r in tbl.to_arrow().to_pylist()}
+    tbl.backfill("emb", num_gpus=0)
+    stored = {r["path"]: np.array(r["emb"]) for r in tbl.to_arrow().to_pylist()}
+    assert sorted(stored) == sorted(names)
     direct = embed_fn(s)
     for name in names[:3]:
         assert stored[name].shape == (16, 1024)
         np.testing.assert_allclose(stored[name], np.stack(direct(name)), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(stored[ODD_NAME.removeprefix("clips/")], stored["bikes.mp4"])
     np.testing.assert_array_equal(stored["missing.mp4"], np.zeros((1, 1024), np.float32))
+    hits = tbl.search(stored["av1_video.mkv"]).limit(10).to_pandas()
+    assert hits["path"].iloc[0] == "av1_video.mkv" and len(hits) == len(names)
+    hits = tbl.search(stored["bikes.mp4"]).limit(10).to_pandas()
+    assert set(hits["path"].iloc[:2]) == {"bikes.mp4", ODD_NAME.removeprefix("clips/")}
