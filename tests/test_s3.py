@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
-from conftest import embed_fn
+from conftest import embed_fn, moto_s3
 
 import video_embeddings_udf as vu
 from video_embeddings_udf import Settings
@@ -22,31 +21,22 @@ def s3(shared_videos: Path) -> Iterator[object]:
     """moto's S3 server on 127.0.0.1 holding two shared clips, with fsspec's s3 options
     pointed at it; the server is stopped and the options removed afterwards."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    for name in ["bikes.mp4", "av1_video.mkv"]:
-        client.put_object(Bucket=BUCKET, Key=name, Body=(shared_videos / name).read_bytes())
-    try:
+    with moto_s3() as endpoint:
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=BUCKET)
+        for name in ["bikes.mp4", "av1_video.mkv"]:
+            client.put_object(Bucket=BUCKET, Key=name, Body=(shared_videos / name).read_bytes())
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
         with pytest.MonkeyPatch.context() as patch:
             patch.setitem(fsspec.config.conf, "s3", options)
-            yield server
-    finally:
-        server.stop()
+            yield endpoint
 
 
 @pytest.mark.parametrize("name", ["bikes.mp4", "av1_video.mkv"])

@@ -9,7 +9,6 @@ import importlib.metadata
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +22,7 @@ import geneva
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import moto_s3
 from kubernetes.config import kube_config
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -312,23 +312,13 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1, and Lance's S3 settings pointing at it through the
     environment; the server is stopped afterwards. moto keeps its buckets per process,
     so other tests' buckets may be there; none is named ``missing``."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT", endpoint)
-    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    try:
+    with moto_s3() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT", endpoint)
+        monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
         yield endpoint
-    finally:
-        server.stop()
 
 
 def run_main(
