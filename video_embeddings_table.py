@@ -522,7 +522,7 @@ def _embed_query(uri: str, settings: Settings) -> np.ndarray:
     place this module calls the UDF."""
     udf_instance = VideoEmbedding(settings).func  # type: ignore[attr-defined]
     column = udf_instance(pa.array([uri], pa.string()))  # a Geneva batch of one row
-    return column.flatten().flatten().to_numpy().reshape(-1, EMBEDDING_DIM)
+    return _matrices(column)[0]
 
 
 def _query_settings(ds: lance.LanceDataset) -> Settings:
