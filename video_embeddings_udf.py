@@ -755,25 +755,13 @@ def _load_runtime(settings: Settings) -> _Runtime:
     model = AutoModel.from_pretrained(settings.model, dtype=dtype, attn_implementation="sdpa")
     processor = AutoVideoProcessor.from_pretrained(settings.model)
     _check_checkpoint(settings, model.config, processor)
+    preprocessing = Preprocessing.from_processor(processor)  # refuse before compiling
     model = model.to(device).eval()
     encode = model.get_vision_features
     if settings.compile:
-        started = time.perf_counter()
-        encode = torch.compile(encode)
-        with torch.inference_mode():  # compile now, at a fixed batch size, not mid-job
-            crop = model.config.crop_size
-            encode(
-                torch.zeros(
-                    settings.embed_batch,
-                    settings.num_frames,
-                    3,
-                    crop,
-                    crop,
-                    device=device,
-                    dtype=dtype,
-                )
-            )
-        logger.info("compiled the encoder in %.0fs", time.perf_counter() - started)
+        encode = _compiled(
+            encode, settings, crop=model.config.crop_size, device=device, dtype=dtype
+        )
     nvdec = NVDEC_STREAMS if device == "cuda" and settings.decode_device != "cpu" else 0
     cpu = (
         0 if settings.decode_device == "cuda" else (settings.decode_workers or os.cpu_count() or 1)
@@ -790,13 +778,34 @@ def _load_runtime(settings: Settings) -> _Runtime:
     return _Runtime(
         model=model,
         encode=encode,
-        preprocessing=Preprocessing.from_processor(processor),
+        preprocessing=preprocessing,
         tubelet_size=model.config.tubelet_size,
         device=device,
         dtype=dtype,
         engines=engines,
         pool=ThreadPoolExecutor(engines.size, thread_name_prefix="video-decode"),
     )
+
+
+def _compiled(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    settings: Settings,
+    *,
+    crop: int,
+    device: str,
+    dtype: torch.dtype,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``encode`` under ``torch.compile``, compiled now at the one batch shape it will see
+    (``_embed_clips`` pads short batches), not in the middle of a job."""
+    import torch
+
+    started = time.perf_counter()
+    compiled = torch.compile(encode)
+    shape = (settings.embed_batch, settings.num_frames, 3, crop, crop)
+    with torch.inference_mode():
+        compiled(torch.zeros(shape, device=device, dtype=dtype))
+    logger.info("compiled the encoder in %.0fs", time.perf_counter() - started)
+    return compiled
 
 
 def _check_checkpoint(settings: Settings, config: Any, processor: Any) -> None:
