@@ -10,6 +10,10 @@ pip, the project's dependencies at their ``uv.lock`` versions; and a zip holding
 ``video_embeddings_udf.py``, so that workers can unpickle ``VideoEmbedding``. The column
 named by ``VIDEO_EMBEDDING_COL`` is then added to the table ``GENEVA_TABLE_NAME``, unless it
 is already there. Nothing is backfilled.
+
+``--preinstalled`` is for a Ray cluster whose nodes already have FFmpeg and these packages
+(one started with ``ray start`` from this environment, say): the manifest installs nothing
+and ships the zip alone; ``existing_cluster`` defines such a cluster for Geneva.
 """
 
 from __future__ import annotations
@@ -88,13 +92,18 @@ def conda_environment(project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
     }
 
 
-def build_manifest(name: str, *, image: str | None = None) -> GenevaManifest:
-    """The conda manifest, or, with ``image``, one that runs head and workers on that
-    image (FFmpeg and the Python stack baked in) with no conda environment."""
+def build_manifest(
+    name: str, *, image: str | None = None, preinstalled: bool = False
+) -> GenevaManifest:
+    """The conda manifest; with ``image``, one that runs head and workers on that image
+    (FFmpeg and the Python stack baked in) with no conda environment; ``preinstalled``,
+    one that installs nothing, for nodes that have everything already."""
     from geneva.manifest import GenevaManifest
 
     if image:
         return GenevaManifest.create_pip(name).head_image(image).worker_image(image).build()
+    if preinstalled:
+        return GenevaManifest.create_pip(name).build()
     return GenevaManifest.create_conda(name).conda(conda_environment()).build()
 
 
@@ -189,6 +198,7 @@ class Request:
     table: str
     manifest_name: str
     image: str | None
+    preinstalled: bool
     dry_run: bool
     zip_output_dir: Path | None
     """Where a dry run writes the zip; None writes none."""
@@ -202,8 +212,10 @@ def describe(manifest: GenevaManifest, zips: list[Path]) -> list[str]:
         lines = [f"  conda environment ({channels}): {', '.join(conda)}"]
         lines.append("  pip packages, at their uv.lock versions:")
         lines += [f"    {requirement}" for requirement in pip["pip"]]
-    else:
+    elif manifest.worker_image:
         lines = [f"  image of the head and the workers: {manifest.worker_image} (no conda)"]
+    else:
+        lines = ["  installs nothing: the nodes already have FFmpeg and the Python packages"]
     return lines + [f"  zip {z.name}: {Path(vu.__file__).name}" for z in zips]
 
 
@@ -212,7 +224,9 @@ def run(request: Request, settings: vu.Settings) -> None:
     column; or, on a dry run, print what would be done and write nothing."""
     conn = connect(request.bucket)
     tbl = open_table(conn, request.table, settings)
-    manifest = build_manifest(request.manifest_name, image=request.image)
+    manifest = build_manifest(
+        request.manifest_name, image=request.image, preinstalled=request.preinstalled
+    )
     column, has_column = settings.embedding_col, settings.embedding_col in tbl.schema.names
     exists = f"table {request.table!r} already has column {column!r}"
     add = f"column {column!r} to table {request.table!r}: VideoEmbedding on "
@@ -270,6 +284,18 @@ def gpu_cluster(
     return cluster.add_worker_group(worker.build()).build()
 
 
+def existing_cluster(name: str, address: str) -> GenevaCluster:
+    """A definition for ``conn.define_cluster`` of a Ray cluster that is already running,
+    reached at ``address`` (``ray://head:10001``), whose nodes have the packages: pair it
+    with a ``--preinstalled`` manifest. ``pip: None`` stops Geneva from having Ray
+    pip-install its own version into a new environment for each job, which fails on an
+    offline cluster and, online, only repeats what the nodes have."""
+    from geneva.cluster.mgr import GenevaCluster
+
+    cluster = GenevaCluster.create_external(name, address)
+    return cluster.ray_init_kwargs({"runtime_env": {"pip": None}}).build()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -294,6 +320,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "workers run it, and the manifest has no conda environment",
     )
     parser.add_argument(
+        "--preinstalled",
+        action="store_true",
+        help="for a Ray cluster whose nodes already have FFmpeg and the Python packages: "
+        "the manifest installs nothing (see existing_cluster)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="check the bucket and the table, print what would be uploaded and added, "
@@ -315,6 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.generate_zip and not args.dry_run:
         parser.error("--generate-zip only applies with --dry-run")
+    if args.preinstalled and args.image:
+        parser.error("--preinstalled and --image are two different clusters: pick one")
     return args
 
 
@@ -342,6 +376,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             table=table,
             manifest_name=args.manifest_name,
             image=args.image,
+            preinstalled=args.preinstalled,
             dry_run=args.dry_run,
             zip_output_dir=args.zip_output_dir if args.generate_zip else None,
         )

@@ -748,7 +748,7 @@ def _load_runtime(settings: Settings) -> _Runtime:
         device = "cuda"
     else:
         device = "cpu"
-        logger.warning("no CUDA device: V-JEPA2 runs on the CPU, which is slow")
+        logger.warning("no CUDA device%s: V-JEPA2 runs on the CPU, which is slow", _ray_node())
     if settings.decode_device == "cuda" and device != "cuda":
         raise ValueError("Invalid VIDEO_DECODE_DEVICE (cuda): this worker has no CUDA device.")
     dtype = getattr(torch, settings.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -785,6 +785,14 @@ def _load_runtime(settings: Settings) -> _Runtime:
         engines=engines,
         pool=ThreadPoolExecutor(engines.size, thread_name_prefix="video-decode"),
     )
+
+
+def _ray_node() -> str:
+    """`` on Ray node ID`` inside a Ray worker: which node of a cluster a log line comes
+    from."""
+    import ray
+
+    return f" on Ray node {ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else ""
 
 
 def _compiled(

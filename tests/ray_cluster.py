@@ -1,0 +1,225 @@
+"""A real multi-node Ray cluster on this machine, for tests: ``ray start --head`` and
+worker nodes that join it, each a separate raylet with its own temporary directory.
+
+Why this shape:
+- Each node is one ``ray start --block`` in its own process session, so stopping the
+  session's process group stops the node. Ray gives each worker process a process group
+  of its own, so ``stop()`` then ends every process that still names the cluster's
+  directory on its command line: nothing outlives the cluster.
+- Ray replaces ``--node-ip-address=127.0.0.1`` with the machine's own interface address;
+  127.0.0.2 is loopback as well and is kept, so the nodes talk over loopback. The Ray
+  client server listens on 127.0.0.1 too. Some of Ray's own ports (the GCS, the raylets,
+  metrics) listen on every interface whatever the settings.
+- Token authentication (``RAY_AUTH_MODE=token``) needs the same token on every node and
+  in every client: it is in ``env``, which each process this cluster serves must get.
+- The head advertises no CPUs and Geneva's ``geneva_ray_head`` resource, as Geneva's own
+  KubeRay head does: Geneva's job drivers run there, everything else on the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+NODE_IP = "127.0.0.2"
+START_TIMEOUT_S = 120.0
+OBJECT_STORE_BYTES = 500_000_000
+"""Ray's object store per node (the default is 30% of the machine's memory, per node)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Node:
+    """One raylet: its name, its temporary directory, its ``ray start`` process and the
+    node id Ray gave it."""
+
+    name: str
+    temp_dir: Path
+    process: subprocess.Popen[bytes]
+    node_id: str = ""
+
+    @property
+    def logs(self) -> Path:
+        return self.temp_dir / "session_latest" / "logs"
+
+    def raylet_pid(self) -> int:
+        """The raylet's pid, from the first line it logs (``[time I pid tid] (raylet)``)."""
+        first = (self.logs / "raylet.out").read_text().splitlines()[0]
+        match = re.match(r"\[\S+ \S+ \w (\d+) \d+\] \(raylet\)", first)
+        assert match, first
+        return int(match.group(1))
+
+    def worker_logs_with(self, text: str) -> set[Path]:
+        """The logs of this node's worker processes that contain ``text``."""
+        return {p for p in self.logs.glob("worker-*.err") if text in p.read_text(errors="replace")}
+
+
+class LoopbackCluster:
+    """A Ray cluster on loopback: a head, then ``add_node`` for each worker node.
+
+    ``env`` holds the token and the settings every node started with; ``extra_env`` is
+    added to it (storage endpoints the UDF reads from, say)."""
+
+    def __init__(self, root: Path, extra_env: Mapping[str, str] | None = None) -> None:
+        self.root = root
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            **(extra_env or {}),
+        }
+        self.gcs_port = _free_port()
+        self.client_port = _free_port()
+        self.nodes: dict[str, Node] = {}
+
+    @property
+    def address(self) -> str:
+        """The address Geneva connects to, through the Ray client."""
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    def start(self) -> Self:
+        head = [f"--port={self.gcs_port}", f"--ray-client-server-port={self.client_port}"]
+        head += ["--num-cpus=0", '--resources={"geneva_ray_head": 1}']
+        head += ["--include-dashboard=false"]
+        self._start_node("head", ["--head", *head])
+        return self
+
+    def add_node(self, name: str, *, num_cpus: int, num_gpus: int) -> Node:
+        """Start a worker node that advertises ``num_gpus`` GPUs, whatever it has."""
+        args = [f"--address={NODE_IP}:{self.gcs_port}", f"--num-cpus={num_cpus}"]
+        return self._start_node(name, [*args, f"--num-gpus={num_gpus}"])
+
+    def kill_raylet(self, node: Node) -> None:
+        """Lose a node the hard way: SIGKILL its raylet, then wait for the head to see
+        the node dead."""
+        os.kill(node.raylet_pid(), signal.SIGKILL)
+        self._wait_for(f"death reason = UNEXPECTED_TERMINATION.* node_id={node.node_id}")
+
+    def stop(self) -> None:
+        """Stop every node, then any process left that names the cluster's directory."""
+        for node in self.nodes.values():
+            _signal_group(node.process, signal.SIGTERM)
+        for node in self.nodes.values():
+            try:
+                node.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(node.process, signal.SIGKILL)
+                node.process.wait()
+        for _ in range(50):
+            left = self.processes()
+            if not left:
+                return
+            for pid in left:
+                _signal(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        raise RuntimeError(f"Ray processes outlived the cluster: {self.processes()}")
+
+    def processes(self, *marks: bytes) -> list[int]:
+        """Live processes (not zombies) whose command line names the cluster's directory
+        or its GCS address (the client servers name only that), and every one of
+        ``marks``."""
+        names = (str(self.root).encode(), f"{NODE_IP}:{self.gcs_port}".encode())
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            ours = any(name in cmdline for name in names)
+            if ours and all(mark in cmdline for mark in marks) and state != "Z":
+                pids.append(int(proc.name))
+        return pids
+
+    def client_sessions(self) -> list[int]:
+        """The Ray client's servers for connected drivers, one per driver."""
+        return self.processes(b"--mode=specific-server")
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start_node(self, name: str, args: list[str]) -> Node:
+        temp_dir = self.root / name
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--block"]
+        command += [f"--node-ip-address={NODE_IP}", f"--temp-dir={temp_dir}"]
+        command += [f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
+        command += [f"--dashboard-agent-listen-port={_free_port()}", *args]
+        log = (self.root / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        node = self.nodes[name] = Node(name, temp_dir, process)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (node.logs / "raylet.out").is_file() or not (
+            match := re.search(
+                r"Setting node ID node_id=(\w+)", (node.logs / "raylet.out").read_text()
+            )
+        ):
+            self._check_alive(node, deadline)
+            time.sleep(0.2)
+        node.node_id = match.group(1)
+        self._wait_for(f"Registering new node. node_id={node.node_id}", node=node)
+        return node
+
+    def _wait_for(self, pattern: str, *, node: Node | None = None) -> None:
+        """Wait until the head's GCS logs a line matching ``pattern``."""
+        log = self.root / "head" / "session_latest" / "logs" / "gcs_server.out"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (log.is_file() and re.search(pattern, log.read_text(errors="replace"))):
+            if node is not None:
+                self._check_alive(node, deadline)
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"the head never logged {pattern!r}")
+            time.sleep(0.2)
+
+    def _check_alive(self, node: Node, deadline: float) -> None:
+        if node.process.poll() is not None:
+            log = (self.root / f"{node.name}.log").read_text(errors="replace")
+            raise RuntimeError(f"ray start for {node.name} exited: {log[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {node.name} did not start in {START_TIMEOUT_S:.0f} s")
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,314 @@
+"""Backfills on a real multi-node Ray cluster on this machine, and what losing a node or
+the driver costs.
+
+The cluster (tests/ray_cluster.py) is a head and two worker nodes, separate raylets that
+each advertise one GPU they do not have. The UDF keeps its ``num_gpus=1``, so Ray must
+place its appliers on those two nodes, where it runs on the CPU after its one warning,
+which names the Ray node. Geneva connects the way a user connects to a cluster that is
+already running: the definition ``upload_manifest.existing_cluster`` builds, the manifest
+``upload_manifest.py --preinstalled`` defines, and ``conn.context(cluster=, manifest=)``
+in a driver process of its own (tests/cluster_driver.py).
+
+The videos are read from gs:// through a GCS emulator with a fault proxy in front: every
+download of an object is a row the UDF computed, so counting them at the proxy counts the
+UDF's calls. A stall aimed at one object holds a backfill at that row, so the tests know
+which rows were checkpointed when they kill a node or the driver.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote_plus
+
+import fsspec
+import gcsfs
+import geneva
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import embed_fn, make_index_clip
+from gcs_emulator import FaultProxy, GcsEmulator
+from ray_cluster import LoopbackCluster, Node
+
+import upload_manifest
+from video_embeddings_udf import Settings
+
+BUCKET = "videos"
+CLIPS = ["bikes.mp4", "scene_cuts.mp4", "h265_video.mp4", "av1_video.mkv", "carphone_distorted.mp4"]
+MISSING = "bad/missing.mp4"  # never uploaded
+NOT_A_VIDEO = "bad/not a video.mp4"
+AUDIO = "bad/audio only.wav"
+BAD = [MISSING, NOT_A_VIDEO, AUDIO]
+ROWS_PER_RUN = 8
+"""Rows of the tables the losing tests backfill; the stall holds the job at STALLED_ROW."""
+STALLED_ROW = 4
+CLUSTER = "loopback"
+MANIFEST = "preinstalled"
+CPU_WARNING = "no CUDA device"
+DRIVER_TIMEOUT_S = 300
+REPO = Path(__file__).resolve().parents[1]
+
+
+def url(name: str) -> str:
+    return f"gs://{BUCKET}/{name}"
+
+
+def losing_names(prefix: str) -> list[str]:
+    return [f"{prefix}/clip-{i:02d}.mp4" for i in range(ROWS_PER_RUN)]
+
+
+@pytest.fixture(scope="module")
+def gcs(shared_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultProxy]:
+    """The emulator with the shared clips, two bad inputs and, for each losing test, 8
+    index clips of different lengths (so every row's embedding differs); a fault proxy
+    in front that injects nothing until a test says so, and gcsfs pointed at the proxy."""
+    clips = tmp_path_factory.mktemp("index-clips")
+    with (
+        GcsEmulator() as emulator,
+        FaultProxy(emulator.endpoint, stall_s=120) as proxy,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        for name in CLIPS:
+            emulator.upload(BUCKET, f"clips/{name}", (shared_videos / name).read_bytes())
+        emulator.upload(BUCKET, AUDIO, (shared_videos / "sine_mono_s16.wav").read_bytes())
+        emulator.upload(BUCKET, NOT_A_VIDEO, b"this is not a video\n" * 50)
+        for prefix in ("node", "driver"):
+            for i, name in enumerate(losing_names(prefix)):
+                clip = make_index_clip(
+                    clips / f"{prefix}-{i}.mp4", 20 + i + 10 * (prefix == "node")
+                )
+                emulator.upload(BUCKET, name, clip.read_bytes())
+        patch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        patch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        yield proxy
+        gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def cluster(gcs: FaultProxy) -> Iterator[LoopbackCluster]:
+    """Head plus nodes gpu-a and gpu-b (2 CPUs and 1 advertised GPU each), whose workers
+    read gs:// from the proxy, as nodes set up by their administrator would."""
+    storage = {
+        "STORAGE_EMULATOR_HOST": gcs.endpoint,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "FSSPEC_GCS_TOKEN": "anon",
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="ray-") as root,  # short: Ray's sockets live there
+        LoopbackCluster(Path(root), storage) as ray_cluster,
+    ):
+        for name in ("gpu-a", "gpu-b"):
+            ray_cluster.add_node(name, num_cpus=2, num_gpus=1)
+        yield ray_cluster
+        assert ray_cluster.processes()  # the cluster was still running, until stop()
+    assert not ray_cluster.processes()
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir: Path, cluster: LoopbackCluster) -> dict[str, str]:
+    """The environment of every command: the cluster's, and the UDF's settings."""
+    return {**cluster.env, "VJEPA_MODEL": str(tiny_model_dir), "NUM_FRAMES": "16"}
+
+
+@pytest.fixture(scope="module")
+def udf_settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory, cluster: LoopbackCluster) -> Path:
+    """A Geneva database that knows the cluster, defined as a user defines one."""
+    path = tmp_path_factory.mktemp("db")
+    geneva.connect(str(path)).define_cluster(
+        CLUSTER, upload_manifest.existing_cluster(CLUSTER, cluster.address)
+    )
+    return path
+
+
+def table_with_column(db: Path, name: str, uris: list[str], env: dict[str, str]) -> None:
+    """Create the table, then define the manifest and add the column with the command a
+    user runs: ``upload_manifest.py --preinstalled``."""
+    geneva.connect(str(db)).create_table(name, pa.table({"video_uri": uris}))
+    command = [sys.executable, str(REPO / "upload_manifest.py"), "--bucket", str(db)]
+    command += ["--preinstalled", "--manifest-name", MANIFEST]
+    done = subprocess.run(
+        command, env={**env, "GENEVA_TABLE_NAME": name}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "installs nothing" in done.stdout
+
+
+def start_driver(
+    db: Path, table: str, env: dict[str, str], *, concurrency: int
+) -> subprocess.Popen[str]:
+    command = [sys.executable, str(REPO / "tests" / "cluster_driver.py"), str(db), table]
+    command += ["video_embedding", "--cluster", CLUSTER, "--manifest", MANIFEST]
+    command += ["--concurrency", str(concurrency)]
+    # a lost client's job is cleaned up after this grace period (Ray's default: 30 s)
+    env = {**env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(driver: subprocess.Popen[str]) -> tuple[int, str]:
+    """Wait for the driver; its exit status and its last stderr line."""
+    try:
+        _, err = driver.communicate(timeout=DRIVER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        _, err = driver.communicate()
+        raise
+    lines = err.strip().splitlines()
+    return driver.returncode, lines[-1] if lines else ""
+
+
+def downloads(proxy: FaultProxy) -> Counter[str]:
+    """Completed downloads per object name: one per row the UDF computed."""
+    return Counter(
+        unquote_plus(r.path.split("/o/")[1].split("?")[0])
+        for r in proxy.snapshot()
+        if r.is_media_get and r.status in (200, 206)
+    )
+
+
+def requested(proxy: FaultProxy, name: str) -> bool:
+    return any(name in unquote_plus(r.path) for r in proxy.snapshot())
+
+
+def wait_until(condition: object, what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+def appliers(nodes: list[Node]) -> dict[str, set[Path]]:
+    """Per node, the worker logs holding the UDF's CPU warning: one per applier that
+    loaded the model there."""
+    return {node.name: node.worker_logs_with(CPU_WARNING) for node in nodes}
+
+
+def stored(db: Path, table: str) -> dict[str, np.ndarray]:
+    rows = geneva.connect(str(db)).open_table(table).to_arrow().to_pylist()
+    assert len(rows) == len({r["video_uri"] for r in rows})  # no row twice
+    return {r["video_uri"]: np.array(r["video_embedding"], np.float32) for r in rows}
+
+
+def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
+    cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
+) -> None:
+    """A backfill with two appliers over the shared clips and three bad inputs: Ray places
+    one applier on each node that advertises a GPU and none on the head; each logs the
+    CPU warning naming its own node. Every row equals a direct in-process call of the
+    UDF (zeros for the bad inputs) and every object is downloaded once."""
+    names = [f"clips/{c}" for c in CLIPS] + BAD
+    fn = embed_fn(udf_settings)
+    expected = {url(n): np.stack(fn(url(n))) for n in names}
+    table_with_column(db, "videos", [url(n) for n in names], env)
+    nodes = list(cluster.nodes.values())
+    before = appliers(nodes)
+    gcs.reset()
+
+    started = time.monotonic()
+    code, last = finish(start_driver(db, "videos", env, concurrency=2))
+    seconds = time.monotonic() - started
+    assert code == 0, last
+
+    ran = {name: logs - before[name] for name, logs in appliers(nodes).items()}
+    assert {name: len(logs) for name, logs in ran.items()} == {"head": 0, "gpu-a": 1, "gpu-b": 1}
+    for name in ("gpu-a", "gpu-b"):
+        log = next(iter(ran[name])).read_text()
+        assert f"{CPU_WARNING} on Ray node {cluster.nodes[name].node_id}" in log
+    result = stored(db, "videos")
+    assert result.keys() == expected.keys()
+    for uri, rows in expected.items():
+        np.testing.assert_array_equal(result[uri], rows)
+    for bad in BAD:
+        assert not result[url(bad)].any()
+    assert downloads(gcs) == Counter({n: 1 for n in names if n != MISSING})
+    print(
+        f"\ncluster backfill, 2 appliers: {len(names)} rows in {seconds:.1f} s with the driver's start"
+    )
+
+
+def run_until_stalled(
+    db: Path, table: str, names: list[str], gcs: FaultProxy, env: dict[str, str]
+) -> subprocess.Popen[str]:
+    """Start a one-applier backfill over ``names`` with reads of STALLED_ROW's object
+    stalled; return its driver once that read is stalled."""
+    gcs.reset()
+    gcs.outage_from(names[STALLED_ROW], "stall")
+    driver = start_driver(db, table, env, concurrency=1)
+    wait_until(lambda: requested(gcs, names[STALLED_ROW]), "the stalled read")
+    return driver
+
+
+def assert_every_row_once_and_right(
+    db: Path, table: str, names: list[str], gcs: FaultProxy, udf_settings: Settings
+) -> None:
+    """Every row is stored once with exactly the in-process result, and each object was
+    downloaded once over all the runs: no row that was checkpointed before the loss was
+    computed again."""
+    counts = downloads(gcs)
+    assert counts == Counter({n: 1 for n in names})
+    fn = embed_fn(udf_settings)
+    result = stored(db, table)
+    assert result.keys() == {url(n) for n in names}
+    for name in names:
+        np.testing.assert_array_equal(result[url(name)], np.stack(fn(url(name))))
+
+
+def test_losing_the_worker_node_mid_backfill_loses_and_repeats_no_row(
+    cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
+) -> None:
+    """With rows 0-3 checkpointed and row 4's read stalled, the raylet of the node that
+    runs the applier is killed. The job finishes on the other GPU node or fails with a
+    clear error; a rerun completes the column. No row is lost, stored twice or wrong, and
+    rows 0-3 are not computed again."""
+    names = losing_names("node")
+    table_with_column(db, "node_loss", [url(n) for n in names], env)
+    nodes = [n for n in cluster.nodes.values() if n.name != "head"]
+    before = appliers(nodes)
+    driver = run_until_stalled(db, "node_loss", names, gcs, env)
+    assert downloads(gcs) == Counter({n: 1 for n in names[:STALLED_ROW]})
+    running = [n for n in nodes if appliers([n])[n.name] - before[n.name]]
+    assert len(running) == 1
+    cluster.kill_raylet(running[0])
+    gcs.outage = None
+
+    code, last = finish(driver)
+    print(f"\nafter the node loss the driver exited {code}: {last}")
+    if code != 0:
+        assert "backfill failed" in last
+        code, last = finish(start_driver(db, "node_loss", env, concurrency=1))
+        assert code == 0, last
+    assert_every_row_once_and_right(db, "node_loss", names, gcs, udf_settings)
+
+
+def test_losing_the_driver_between_checkpoints_loses_and_repeats_no_row(
+    cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
+) -> None:
+    """With rows 0-3 checkpointed and row 4's read stalled, the driver process is killed.
+    Once the cluster has dropped its job, a new driver reruns the backfill: no row is
+    lost, stored twice or wrong, and rows 0-3 are not computed again."""
+    names = losing_names("driver")
+    table_with_column(db, "driver_loss", [url(n) for n in names], env)
+    driver = run_until_stalled(db, "driver_loss", names, gcs, env)
+    assert downloads(gcs) == Counter({n: 1 for n in names[:STALLED_ROW]})
+    driver.kill()
+    driver.wait()
+    wait_until(lambda: not cluster.client_sessions(), "the cluster to drop the lost driver's job")
+    gcs.outage = None
+
+    code, last = finish(start_driver(db, "driver_loss", env, concurrency=1))
+    assert code == 0, last
+    assert_every_row_once_and_right(db, "driver_loss", names, gcs, udf_settings)
