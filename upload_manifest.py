@@ -293,7 +293,7 @@ def existing_cluster(name: str, address: str) -> GenevaCluster:
     from geneva.cluster.mgr import GenevaCluster
 
     cluster = GenevaCluster.create_external(name, address)
-    return cluster.ray_init_kwargs({"runtime_env": {"pip": None}}).build()
+    return cluster.ray_init_kwargs({"runtime_env": {"pip": None, "py_modules": None}}).build()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

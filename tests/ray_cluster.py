@@ -18,6 +18,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -34,6 +35,8 @@ from typing import Self
 
 NODE_IP = "127.0.0.2"
 START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 3.0
+"""How long the nodes get to stop on SIGTERM before they are killed."""
 OBJECT_STORE_BYTES = 500_000_000
 """Ray's object store per node (the default is 30% of the machine's memory, per node)."""
 
@@ -116,9 +119,10 @@ class LoopbackCluster:
         """Stop every node, then any process left that names the cluster's directory."""
         for node in self.nodes.values():
             _signal_group(node.process, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
         for node in self.nodes.values():
             try:
-                node.process.wait(timeout=10)
+                node.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(node.process, signal.SIGKILL)
                 node.process.wait()
@@ -127,14 +131,14 @@ class LoopbackCluster:
             if not left:
                 return
             for pid in left:
-                _signal(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
         raise RuntimeError(f"Ray processes outlived the cluster: {self.processes()}")
 
-    def processes(self, *marks: bytes) -> list[int]:
+    def processes(self) -> list[int]:
         """Live processes (not zombies) whose command line names the cluster's directory
-        or its GCS address (the client servers name only that), and every one of
-        ``marks``."""
+        or its GCS address (the Ray client's servers name only that)."""
         names = (str(self.root).encode(), f"{NODE_IP}:{self.gcs_port}".encode())
         pids = []
         for proc in Path("/proc").iterdir():
@@ -145,14 +149,9 @@ class LoopbackCluster:
                 state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            ours = any(name in cmdline for name in names)
-            if ours and all(mark in cmdline for mark in marks) and state != "Z":
+            if any(name in cmdline for name in names) and state != "Z":
                 pids.append(int(proc.name))
         return pids
-
-    def client_sessions(self) -> list[int]:
-        """The Ray client's servers for connected drivers, one per driver."""
-        return self.processes(b"--mode=specific-server")
 
     def __enter__(self) -> Self:
         try:
@@ -212,14 +211,5 @@ class LoopbackCluster:
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 import fsspec
 import gcsfs
@@ -34,7 +34,7 @@ import pyarrow as pa
 import pytest
 from conftest import embed_fn, make_index_clip
 from gcs_emulator import FaultProxy, GcsEmulator
-from ray_cluster import LoopbackCluster, Node
+from ray_cluster import LoopbackCluster
 
 import upload_manifest
 from video_embeddings_udf import Settings
@@ -159,15 +159,15 @@ def start_driver(
 
 
 def finish(driver: subprocess.Popen[str]) -> tuple[int, str]:
-    """Wait for the driver; its exit status and its last stderr line."""
+    """Wait for the driver; its exit status and what it said of the backfill."""
     try:
-        _, err = driver.communicate(timeout=DRIVER_TIMEOUT_S)
+        out, err = driver.communicate(timeout=DRIVER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         driver.kill()
-        _, err = driver.communicate()
+        driver.communicate()
         raise
-    lines = err.strip().splitlines()
-    return driver.returncode, lines[-1] if lines else ""
+    said = [line for line in (out + err).splitlines() if line.startswith("backfill ")]
+    return driver.returncode, said[-1] if said else err[-2000:]
 
 
 def downloads(proxy: FaultProxy) -> Counter[str]:
@@ -191,10 +191,28 @@ def wait_until(condition: object, what: str, timeout_s: float = 180) -> None:
         time.sleep(0.2)
 
 
-def appliers(nodes: list[Node]) -> dict[str, set[Path]]:
-    """Per node, the worker logs holding the UDF's CPU warning: one per applier that
-    loaded the model there."""
-    return {node.name: node.worker_logs_with(CPU_WARNING) for node in nodes}
+def applier_logs(cluster: LoopbackCluster) -> dict[str, set[Path]]:
+    """Per node, the logs of the worker processes that hold the UDF's CPU warning: one
+    per applier that loaded the model there."""
+    return {name: node.worker_logs_with(CPU_WARNING) for name, node in cluster.nodes.items()}
+
+
+def new_appliers(cluster: LoopbackCluster, before: dict[str, set[Path]]) -> dict[str, set[Path]]:
+    """The applier logs per node that were not there ``before``."""
+    return {name: logs - before[name] for name, logs in applier_logs(cluster).items()}
+
+
+def pid_of(log: Path) -> int:
+    """A worker's pid, which ends its log's name: ``worker-<id>-<job>-<pid>.err``."""
+    return int(log.stem.rsplit("-", 1)[1])
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def stored(db: Path, table: str) -> dict[str, np.ndarray]:
@@ -214,16 +232,15 @@ def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
     fn = embed_fn(udf_settings)
     expected = {url(n): np.stack(fn(url(n))) for n in names}
     table_with_column(db, "videos", [url(n) for n in names], env)
-    nodes = list(cluster.nodes.values())
-    before = appliers(nodes)
+    before = applier_logs(cluster)
     gcs.reset()
 
     started = time.monotonic()
-    code, last = finish(start_driver(db, "videos", env, concurrency=2))
+    code, said = finish(start_driver(db, "videos", env, concurrency=2))
     seconds = time.monotonic() - started
-    assert code == 0, last
+    assert code == 0, said
 
-    ran = {name: logs - before[name] for name, logs in appliers(nodes).items()}
+    ran = new_appliers(cluster, before)
     assert {name: len(logs) for name, logs in ran.items()} == {"head": 0, "gpu-a": 1, "gpu-b": 1}
     for name in ("gpu-a", "gpu-b"):
         log = next(iter(ran[name])).read_text()
@@ -235,18 +252,16 @@ def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
     for bad in BAD:
         assert not result[url(bad)].any()
     assert downloads(gcs) == Counter({n: 1 for n in names if n != MISSING})
-    print(
-        f"\ncluster backfill, 2 appliers: {len(names)} rows in {seconds:.1f} s with the driver's start"
-    )
+    print(f"\ncluster backfill, 2 appliers: {len(names)} rows in {seconds:.1f} s, driver included")
 
 
 def run_until_stalled(
     db: Path, table: str, names: list[str], gcs: FaultProxy, env: dict[str, str]
 ) -> subprocess.Popen[str]:
-    """Start a one-applier backfill over ``names`` with reads of STALLED_ROW's object
-    stalled; return its driver once that read is stalled."""
+    """Start a one-applier backfill over ``names`` with every read from STALLED_ROW's
+    object on stalled; return its driver once that read has begun."""
     gcs.reset()
-    gcs.outage_from(names[STALLED_ROW], "stall")
+    gcs.outage_from(quote(names[STALLED_ROW], safe=""), "stall")
     driver = start_driver(db, table, env, concurrency=1)
     wait_until(lambda: requested(gcs, names[STALLED_ROW]), "the stalled read")
     return driver
@@ -257,9 +272,8 @@ def assert_every_row_once_and_right(
 ) -> None:
     """Every row is stored once with exactly the in-process result, and each object was
     downloaded once over all the runs: no row that was checkpointed before the loss was
-    computed again."""
-    counts = downloads(gcs)
-    assert counts == Counter({n: 1 for n in names})
+    computed again, and no row twice."""
+    assert downloads(gcs) == Counter({n: 1 for n in names})
     fn = embed_fn(udf_settings)
     result = stored(db, table)
     assert result.keys() == {url(n) for n in names}
@@ -271,26 +285,27 @@ def test_losing_the_worker_node_mid_backfill_loses_and_repeats_no_row(
     cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
 ) -> None:
     """With rows 0-3 checkpointed and row 4's read stalled, the raylet of the node that
-    runs the applier is killed. The job finishes on the other GPU node or fails with a
-    clear error; a rerun completes the column. No row is lost, stored twice or wrong, and
-    rows 0-3 are not computed again."""
+    runs the one applier is killed. The job finishes on the other GPU node (Ray starts
+    the applier again there), or fails with a clear error and a rerun completes the
+    column. No row is lost, stored twice or wrong, and rows 0-3 are not computed again."""
     names = losing_names("node")
     table_with_column(db, "node_loss", [url(n) for n in names], env)
-    nodes = [n for n in cluster.nodes.values() if n.name != "head"]
-    before = appliers(nodes)
+    before = applier_logs(cluster)
     driver = run_until_stalled(db, "node_loss", names, gcs, env)
     assert downloads(gcs) == Counter({n: 1 for n in names[:STALLED_ROW]})
-    running = [n for n in nodes if appliers([n])[n.name] - before[n.name]]
-    assert len(running) == 1
-    cluster.kill_raylet(running[0])
+    (lost,) = (name for name, logs in new_appliers(cluster, before).items() if logs)
+    cluster.kill_raylet(cluster.nodes[lost])
     gcs.outage = None
 
-    code, last = finish(driver)
-    print(f"\nafter the node loss the driver exited {code}: {last}")
-    if code != 0:
-        assert "backfill failed" in last
-        code, last = finish(start_driver(db, "node_loss", env, concurrency=1))
-        assert code == 0, last
+    code, said = finish(driver)
+    print(f"\nafter losing node {lost}, the driver exited {code}: {said}")
+    if code == 0:
+        (other,) = {"gpu-a", "gpu-b"} - {lost}
+        assert new_appliers(cluster, before)[other]
+    else:
+        assert said.startswith("backfill failed: ")
+        code, said = finish(start_driver(db, "node_loss", env, concurrency=1))
+        assert code == 0, said
     assert_every_row_once_and_right(db, "node_loss", names, gcs, udf_settings)
 
 
@@ -298,17 +313,20 @@ def test_losing_the_driver_between_checkpoints_loses_and_repeats_no_row(
     cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
 ) -> None:
     """With rows 0-3 checkpointed and row 4's read stalled, the driver process is killed.
-    Once the cluster has dropped its job, a new driver reruns the backfill: no row is
-    lost, stored twice or wrong, and rows 0-3 are not computed again."""
+    The cluster drops its job once the client's grace period is over (the applier
+    exits); a new driver then reruns the backfill. No row is lost, stored twice or wrong,
+    and rows 0-3 are not computed again."""
     names = losing_names("driver")
     table_with_column(db, "driver_loss", [url(n) for n in names], env)
+    before = applier_logs(cluster)
     driver = run_until_stalled(db, "driver_loss", names, gcs, env)
     assert downloads(gcs) == Counter({n: 1 for n in names[:STALLED_ROW]})
+    (log,) = set().union(*new_appliers(cluster, before).values())
     driver.kill()
     driver.wait()
-    wait_until(lambda: not cluster.client_sessions(), "the cluster to drop the lost driver's job")
+    wait_until(lambda: not running(pid_of(log)), "the cluster to drop the lost driver's job")
     gcs.outage = None
 
-    code, last = finish(start_driver(db, "driver_loss", env, concurrency=1))
-    assert code == 0, last
+    code, said = finish(start_driver(db, "driver_loss", env, concurrency=1))
+    assert code == 0, said
     assert_every_row_once_and_right(db, "driver_loss", names, gcs, udf_settings)
