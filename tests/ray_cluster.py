@@ -101,13 +101,16 @@ class LoopbackCluster:
         head = [f"--port={self.gcs_port}", f"--ray-client-server-port={self.client_port}"]
         head += ["--num-cpus=0", '--resources={"geneva_ray_head": 1}']
         head += ["--include-dashboard=false"]
-        self._start_node("head", ["--head", *head])
+        self._wait_registered(self._launch("head", ["--head", *head]))
         return self
 
-    def add_node(self, name: str, *, num_cpus: int, num_gpus: int) -> Node:
-        """Start a worker node that advertises ``num_gpus`` GPUs, whatever it has."""
+    def add_nodes(self, *names: str, num_cpus: int, num_gpus: int) -> None:
+        """Start worker nodes, together, each advertising ``num_gpus`` GPUs whatever it
+        has; return once the head has registered them all."""
         args = [f"--address={NODE_IP}:{self.gcs_port}", f"--num-cpus={num_cpus}"]
-        return self._start_node(name, [*args, f"--num-gpus={num_gpus}"])
+        nodes = [self._launch(name, [*args, f"--num-gpus={num_gpus}"]) for name in names]
+        for node in nodes:
+            self._wait_registered(node)
 
     def kill_raylet(self, node: Node) -> None:
         """Lose a node the hard way: SIGKILL its raylet, then wait for the head to see
@@ -168,7 +171,7 @@ class LoopbackCluster:
     ) -> None:
         self.stop()
 
-    def _start_node(self, name: str, args: list[str]) -> Node:
+    def _launch(self, name: str, args: list[str]) -> Node:
         temp_dir = self.root / name
         command = [str(Path(sys.executable).parent / "ray"), "start", "--block"]
         command += [f"--node-ip-address={NODE_IP}", f"--temp-dir={temp_dir}"]
@@ -179,6 +182,10 @@ class LoopbackCluster:
             command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         node = self.nodes[name] = Node(name, temp_dir, process)
+        return node
+
+    def _wait_registered(self, node: Node) -> None:
+        """Read the node's id from its raylet's log, then wait for the head to register it."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (node.logs / "raylet.out").is_file() or not (
             match := re.search(
@@ -189,7 +196,6 @@ class LoopbackCluster:
             time.sleep(0.2)
         node.node_id = match.group(1)
         self._wait_for(f"Registering new node. node_id={node.node_id}", node=node)
-        return node
 
     def _wait_for(self, pattern: str, *, node: Node | None = None) -> None:
         """Wait until the head's GCS logs a line matching ``pattern``."""

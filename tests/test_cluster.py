@@ -37,7 +37,7 @@ from gcs_emulator import FaultProxy, GcsEmulator
 from ray_cluster import LoopbackCluster
 
 import upload_manifest
-from video_embeddings_udf import Settings
+from video_embeddings_udf import Settings, embedding_column
 
 BUCKET = "videos"
 CLIPS = ["bikes.mp4", "scene_cuts.mp4", "h265_video.mp4", "av1_video.mkv", "carphone_distorted.mp4"]
@@ -45,6 +45,8 @@ MISSING = "bad/missing.mp4"  # never uploaded
 NOT_A_VIDEO = "bad/not a video.mp4"
 AUDIO = "bad/audio only.wav"
 BAD = [MISSING, NOT_A_VIDEO, AUDIO]
+NAMES = [f"clips/{c}" for c in CLIPS] + BAD
+"""The objects of the table ``videos``."""
 ROWS_PER_RUN = 8
 """Rows of the tables the losing tests backfill; the stall holds the job at STALLED_ROW."""
 STALLED_ROW = 4
@@ -104,8 +106,7 @@ def cluster(gcs: FaultProxy) -> Iterator[LoopbackCluster]:
         tempfile.TemporaryDirectory(prefix="ray-") as root,  # short: Ray's sockets live there
         LoopbackCluster(Path(root), storage) as ray_cluster,
     ):
-        for name in ("gpu-a", "gpu-b"):
-            ray_cluster.add_node(name, num_cpus=2, num_gpus=1)
+        ray_cluster.add_nodes("gpu-a", "gpu-b", num_cpus=2, num_gpus=1)
         yield ray_cluster
         assert ray_cluster.processes()  # the cluster was still running, until stop()
     assert not ray_cluster.processes()
@@ -123,26 +124,32 @@ def udf_settings(env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory, cluster: LoopbackCluster) -> Path:
-    """A Geneva database that knows the cluster, defined as a user defines one."""
+def db(
+    tmp_path_factory: pytest.TempPathFactory, cluster: LoopbackCluster, env: dict[str, str]
+) -> Path:
+    """A Geneva database set up as a user sets one up for a running cluster: the table
+    ``videos``, then ``upload_manifest.py --preinstalled`` (the manifest, and the column
+    with the settings of ``env``), then the cluster's definition."""
     path = tmp_path_factory.mktemp("db")
-    geneva.connect(str(path)).define_cluster(
-        CLUSTER, upload_manifest.existing_cluster(CLUSTER, cluster.address)
-    )
-    return path
-
-
-def table_with_column(db: Path, name: str, uris: list[str], env: dict[str, str]) -> None:
-    """Create the table, then define the manifest and add the column with the command a
-    user runs: ``upload_manifest.py --preinstalled``."""
-    geneva.connect(str(db)).create_table(name, pa.table({"video_uri": uris}))
-    command = [sys.executable, str(REPO / "upload_manifest.py"), "--bucket", str(db)]
+    conn = geneva.connect(str(path))
+    conn.create_table("videos", pa.table({"video_uri": [url(n) for n in NAMES]}))
+    command = [sys.executable, str(REPO / "upload_manifest.py"), "--bucket", str(path)]
     command += ["--preinstalled", "--manifest-name", MANIFEST]
     done = subprocess.run(
-        command, env={**env, "GENEVA_TABLE_NAME": name}, capture_output=True, text=True
+        command, env={**env, "GENEVA_TABLE_NAME": "videos"}, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert "installs nothing" in done.stdout
+    conn.define_cluster(CLUSTER, upload_manifest.existing_cluster(CLUSTER, cluster.address))
+    return path
+
+
+def table_with_column(db: Path, name: str, names: list[str], settings: Settings) -> None:
+    """Another table of the database, with the same column."""
+    tbl = geneva.connect(str(db)).create_table(
+        name, pa.table({"video_uri": [url(n) for n in names]})
+    )
+    tbl.add_columns(embedding_column(settings))
 
 
 def start_driver(
@@ -228,10 +235,8 @@ def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
     one applier on each node that advertises a GPU and none on the head; each logs the
     CPU warning naming its own node. Every row equals a direct in-process call of the
     UDF (zeros for the bad inputs) and every object is downloaded once."""
-    names = [f"clips/{c}" for c in CLIPS] + BAD
     fn = embed_fn(udf_settings)
-    expected = {url(n): np.stack(fn(url(n))) for n in names}
-    table_with_column(db, "videos", [url(n) for n in names], env)
+    expected = {url(n): np.stack(fn(url(n))) for n in NAMES}
     before = applier_logs(cluster)
     gcs.reset()
 
@@ -251,8 +256,8 @@ def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
         np.testing.assert_array_equal(result[uri], rows)
     for bad in BAD:
         assert not result[url(bad)].any()
-    assert downloads(gcs) == Counter({n: 1 for n in names if n != MISSING})
-    print(f"\ncluster backfill, 2 appliers: {len(names)} rows in {seconds:.1f} s, driver included")
+    assert downloads(gcs) == Counter({n: 1 for n in NAMES if n != MISSING})
+    print(f"\ncluster backfill, 2 appliers: {len(NAMES)} rows in {seconds:.1f} s, driver included")
 
 
 def run_until_stalled(
@@ -289,7 +294,7 @@ def test_losing_the_worker_node_mid_backfill_loses_and_repeats_no_row(
     the applier again there), or fails with a clear error and a rerun completes the
     column. No row is lost, stored twice or wrong, and rows 0-3 are not computed again."""
     names = losing_names("node")
-    table_with_column(db, "node_loss", [url(n) for n in names], env)
+    table_with_column(db, "node_loss", names, udf_settings)
     before = applier_logs(cluster)
     driver = run_until_stalled(db, "node_loss", names, gcs, env)
     assert downloads(gcs) == Counter({n: 1 for n in names[:STALLED_ROW]})
@@ -317,7 +322,7 @@ def test_losing_the_driver_between_checkpoints_loses_and_repeats_no_row(
     exits); a new driver then reruns the backfill. No row is lost, stored twice or wrong,
     and rows 0-3 are not computed again."""
     names = losing_names("driver")
-    table_with_column(db, "driver_loss", [url(n) for n in names], env)
+    table_with_column(db, "driver_loss", names, udf_settings)
     before = applier_logs(cluster)
     driver = run_until_stalled(db, "driver_loss", names, gcs, env)
     assert downloads(gcs) == Counter({n: 1 for n in names[:STALLED_ROW]})
