@@ -13,7 +13,8 @@ Why this shape:
 - Token authentication (``RAY_AUTH_MODE=token``) needs the same token on every node and
   in every client: it is in ``env``, which each process this cluster serves must get.
 - The head advertises no CPUs and Geneva's ``geneva_ray_head`` resource, as Geneva's own
-  KubeRay head does: Geneva's job drivers run there, everything else on the workers.
+  KubeRay head does: Geneva's job drivers run there, everything else on the workers. It
+  runs Ray's dashboard (on 127.0.0.1), whose state API Geneva asks which appliers live.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class LoopbackCluster:
     def start(self) -> Self:
         head = [f"--port={self.gcs_port}", f"--ray-client-server-port={self.client_port}"]
         head += ["--num-cpus=0", '--resources={"geneva_ray_head": 1}']
-        head += ["--include-dashboard=false"]
+        head += [f"--dashboard-port={_free_port()}"]
         self._wait_registered(self._launch("head", ["--head", *head]))
         return self
 

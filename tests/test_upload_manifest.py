@@ -290,6 +290,38 @@ def test_image_option_sets_both_images_and_skips_conda(tmp_path: Path) -> None:
         assert z.namelist() == ["video_embeddings_udf.py"]
 
 
+def test_preinstalled_installs_nothing_and_ships_the_module(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--preinstalled stores a manifest with no conda, pip or image, and the zip of the
+    module alone; it says so. With --image it is refused: they are two kinds of cluster."""
+    db = make_db(tmp_path / "db")
+    env = {"GENEVA_TABLE_NAME": "videos"}
+    assert upload_manifest.main(["--bucket", str(db), "--preinstalled"], env) == 0
+    assert "  installs nothing: the nodes already have FFmpeg" in capsys.readouterr().out
+    [manifest] = geneva.connect(str(db)).list_manifests()
+    assert (manifest.conda, manifest.pip) == ({}, [])
+    assert manifest.head_image is None and manifest.worker_image is None
+    with zipfile.ZipFile(manifest_zips(manifest)[0]) as z:
+        assert z.namelist() == ["video_embeddings_udf.py"]
+    with pytest.raises(SystemExit) as exit_:
+        upload_manifest.main(["--bucket", str(db), "--preinstalled", "--image", "x:1"], env)
+    assert exit_.value.code == 2
+    assert "--preinstalled and --image" in capsys.readouterr().err
+
+
+def test_existing_cluster_definition_round_trips_without_pip_or_modules(tmp_path: Path) -> None:
+    """existing_cluster's definition, stored and read back, is Geneva's external cluster
+    at the address given, asking Ray for no pip environment and no uploaded modules (the
+    nodes have both); tests/test_cluster.py runs backfills through it."""
+    conn = geneva.connect(str(tmp_path / "db"))
+    conn.define_cluster("ray", upload_manifest.existing_cluster("ray", "ray://head:10001"))
+    [cluster] = conn.list_clusters()
+    assert (cluster.name, cluster.cluster_type.value) == ("ray", "EXTERNAL_RAY")
+    assert cluster.ray_address == "ray://head:10001"
+    assert cluster.ray_init_kwargs == {"runtime_env": {"pip": None, "py_modules": None}}
+
+
 def test_help_explains_every_option(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -299,7 +331,7 @@ def test_help_explains_every_option(
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     options = ["--bucket", "--manifest-name", "--dry-run", "--generate-zip", "--zip-output-dir"]
-    for option in [*options, "--verbose", "--image", "GENEVA_TABLE_NAME"]:
+    for option in [*options, "--verbose", "--image", "--preinstalled", "GENEVA_TABLE_NAME"]:
         assert option in out
     assert "default: video-embeddings-v1" in out
 
