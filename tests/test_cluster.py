@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote_plus
 
@@ -190,9 +190,9 @@ def requested(proxy: FaultProxy, name: str) -> bool:
     return any(name in unquote_plus(r.path) for r in proxy.snapshot())
 
 
-def wait_until(condition: object, what: str, timeout_s: float = 180) -> None:
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what}")
         time.sleep(0.2)
