@@ -17,6 +17,7 @@ which rows were checkpointed when they kill a node or the driver.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -264,12 +265,26 @@ def run_until_stalled(
     db: Path, table: str, names: list[str], gcs: FaultProxy, env: dict[str, str]
 ) -> subprocess.Popen[str]:
     """Start a one-applier backfill over ``names`` with every read from STALLED_ROW's
-    object on stalled; return its driver once that read has begun."""
+    object on stalled; return its driver once that read has begun and the rows before
+    it, and only those, are checkpointed."""
     gcs.reset()
     gcs.outage_from(quote(names[STALLED_ROW], safe=""), "stall")
     driver = start_driver(db, table, env, concurrency=1)
     wait_until(lambda: requested(gcs, names[STALLED_ROW]), "the stalled read")
+    wait_until(lambda: len(checkpointed(db, table)) >= STALLED_ROW, "the rows before it")
+    assert checkpointed(db, table) == [(row, row + 1) for row in range(STALLED_ROW)]
     return driver
+
+
+def checkpointed(db: Path, table: str) -> list[tuple[int, int]]:
+    """The row ranges Geneva has checkpointed, from the names of the files it writes to
+    the table's checkpoint folder (``..._range-<start>-<end>.lance`` in geneva 0.17).
+    Geneva writes them on a thread of their own, so the read of the next row can begin
+    before the last checkpoint is stored."""
+    folder = db / f"{table}.lance" / "_ckp"
+    names = [p.name for p in folder.glob("*.lance")] if folder.is_dir() else []
+    found = (re.search(r"_range-(\d+)-(\d+)\.lance$", name) for name in names)
+    return sorted((int(m[1]), int(m[2])) for m in found if m)
 
 
 def assert_every_row_once_and_right(
