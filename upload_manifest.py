@@ -289,7 +289,10 @@ def existing_cluster(name: str, address: str) -> GenevaCluster:
     reached at ``address`` (``ray://head:10001``), whose nodes have the packages: pair it
     with a ``--preinstalled`` manifest. ``pip: None`` stops Geneva from having Ray
     pip-install its own version into a new environment for each job, which fails on an
-    offline cluster and, online, only repeats what the nodes have."""
+    offline cluster and, online, only repeats what the nodes have. ``py_modules: None``
+    stops it uploading its own package, which the nodes have too: with that upload, the
+    first Ray client connection to a newly started cluster failed and was retried 30 s
+    later."""
     from geneva.cluster.mgr import GenevaCluster
 
     cluster = GenevaCluster.create_external(name, address)

@@ -1,11 +1,12 @@
 """A Geneva driver in a process of its own, as a user runs one against an existing cluster:
 
     python tests/cluster_driver.py DB TABLE COLUMN --cluster NAME --manifest NAME
-        [--concurrency N] [--checkpoint-size N]
+        [--concurrency N]
 
-It connects through the cluster and manifest defined in DB, backfills COLUMN and exits
-0, or prints ``backfill failed: <error>`` on stderr and exits 1. Tests kill it to lose
-the driver; its environment must carry the cluster's token.
+It connects through the cluster and manifest defined in DB, backfills COLUMN with a
+checkpoint per row (so that the tests know what a loss costs) and exits 0, or prints
+``backfill failed: <error>`` on stderr and exits 1. Tests kill it to lose the driver;
+its environment must carry the cluster's token.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ def main() -> int:
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--checkpoint-size", type=int, default=1)
     args = parser.parse_args()
 
     import geneva
@@ -36,11 +36,10 @@ def main() -> int:
     tbl = db.open_table(args.table)
     try:
         with db.context(cluster=args.cluster, manifest=args.manifest):
-            print("connected", flush=True)
             tbl.backfill(
                 args.column,
                 concurrency=args.concurrency,
-                checkpoint_size=args.checkpoint_size,
+                checkpoint_size=1,
                 batch_checkpoint_flush_interval_seconds=0,
             )
     except Exception as e:
