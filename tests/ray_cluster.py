@@ -75,7 +75,7 @@ class Node:
 
 
 class LoopbackCluster:
-    """A Ray cluster on loopback: a head, then ``add_node`` for each worker node.
+    """A Ray cluster on loopback: a head, then ``add_nodes`` for the worker nodes.
 
     ``env`` holds the token and the settings every node started with; ``extra_env`` is
     added to it (storage endpoints the UDF reads from, say)."""
@@ -120,7 +120,8 @@ class LoopbackCluster:
         self._wait_for(f"death reason = UNEXPECTED_TERMINATION.* node_id={node.node_id}")
 
     def stop(self) -> None:
-        """Stop every node, then any process left that names the cluster's directory."""
+        """Stop every node, then kill any process left that names the cluster's directory
+        or its GCS address; raise if one survives that."""
         for node in self.nodes.values():
             _signal_group(node.process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
@@ -178,12 +179,12 @@ class LoopbackCluster:
         command += [f"--node-ip-address={NODE_IP}", f"--temp-dir={temp_dir}"]
         command += [f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
         command += [f"--dashboard-agent-listen-port={_free_port()}", *args]
-        log = (self.root / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        node = self.nodes[name] = Node(name, temp_dir, process)
-        return node
+        with (self.root / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.nodes[name] = Node(name, temp_dir, process)
+        return self.nodes[name]
 
     def _wait_registered(self, node: Node) -> None:
         """Read the node's id from its raylet's log, then wait for the head to register it."""
