@@ -34,6 +34,8 @@ from ray_cluster import LoopbackCluster  # noqa: E402
 
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 SHARED_CLIPS = ["bikes.mp4", "bigbuckbunny.mp4", "scene_cuts.mp4", "nasa_13013.mp4"]
+CPU_WARNING = "no CUDA device"
+"""What the UDF logs, once per applier, where it finds no GPU: which nodes ran appliers."""
 ROWS_PER_TASK = 4
 """Rows per Geneva task and per UDF call, so that the rows spread over both appliers."""
 
@@ -87,9 +89,7 @@ def run(cluster: LoopbackCluster, work: Path, videos: int, frames: int) -> dict[
     with db.context(cluster="bench", manifest="bench"):
         for appliers in (1, 2):
             tbl = db.open_table(f"appliers_{appliers}")
-            before = {
-                n: len(node.worker_logs_with("no CUDA device")) for n, node in cluster.nodes.items()
-            }
+            before = cluster.worker_logs_with(CPU_WARNING)
             start = time.perf_counter()
             tbl.backfill(
                 "video_embedding",
@@ -98,12 +98,9 @@ def run(cluster: LoopbackCluster, work: Path, videos: int, frames: int) -> dict[
                 checkpoint_size=ROWS_PER_TASK,
             )
             result[f"videos/s, {appliers} applier(s)"] = videos / (time.perf_counter() - start)
-            used = [
-                n
-                for n, node in cluster.nodes.items()
-                if len(node.worker_logs_with("no CUDA device")) > before[n]
-            ]
-            result[f"nodes used, {appliers} applier(s)"] = ", ".join(sorted(used))
+            after = cluster.worker_logs_with(CPU_WARNING)
+            used = sorted(name for name, logs in after.items() if logs - before[name])
+            result[f"nodes used, {appliers} applier(s)"] = ", ".join(used)
     result["2 appliers / 1"] = result["videos/s, 2 applier(s)"] / result["videos/s, 1 applier(s)"]
     return result
 

@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 _BINARY = "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
 
@@ -232,6 +232,10 @@ class CountingProxy(_Service):
         """Forget recorded requests (e.g. between videos)."""
         with self._lock:
             self.requests.clear()
+
+    def requests_for(self, name: str) -> int:
+        """Requests whose path names the object ``name`` (a read, its metadata, a listing)."""
+        return sum(name in unquote_plus(r.path) for r in self.snapshot())
 
     def gets(self) -> int:
         """Number of object-content GETs (metadata calls are not counted)."""

@@ -113,6 +113,10 @@ class LoopbackCluster:
         for node in nodes:
             self._wait_registered(node)
 
+    def worker_logs_with(self, text: str) -> dict[str, set[Path]]:
+        """Per node, the logs of its worker processes that contain ``text``."""
+        return {name: node.worker_logs_with(text) for name, node in self.nodes.items()}
+
     def kill_raylet(self, node: Node) -> None:
         """Lose a node the hard way: SIGKILL its raylet, then wait for the head to see
         the node dead."""
@@ -151,10 +155,9 @@ class LoopbackCluster:
                 continue
             try:
                 cmdline = (proc / "cmdline").read_bytes()
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if any(name in cmdline for name in names) and state != "Z":
+            if any(name in cmdline for name in names) and alive(int(proc.name)):
                 pids.append(int(proc.name))
         return pids
 
@@ -216,6 +219,14 @@ class LoopbackCluster:
             raise RuntimeError(f"ray start for {node.name} exited: {log[-2000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"node {node.name} did not start in {START_TIMEOUT_S:.0f} s")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process: a zombie has exited, only not been reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pytest
 from conftest import embed_fn, make_index_clip
 from gcs_emulator import FaultProxy, GcsEmulator
-from ray_cluster import LoopbackCluster
+from ray_cluster import LoopbackCluster, alive
 
 import upload_manifest
 from video_embeddings_udf import Settings, embedding_column
@@ -187,10 +187,6 @@ def downloads(proxy: FaultProxy) -> Counter[str]:
     )
 
 
-def requested(proxy: FaultProxy, name: str) -> bool:
-    return any(name in unquote_plus(r.path) for r in proxy.snapshot())
-
-
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -202,7 +198,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 180)
 def applier_logs(cluster: LoopbackCluster) -> dict[str, set[Path]]:
     """Per node, the logs of the worker processes that hold the UDF's CPU warning: one
     per applier that loaded the model there."""
-    return {name: node.worker_logs_with(CPU_WARNING) for name, node in cluster.nodes.items()}
+    return cluster.worker_logs_with(CPU_WARNING)
 
 
 def new_appliers(cluster: LoopbackCluster, before: dict[str, set[Path]]) -> dict[str, set[Path]]:
@@ -213,14 +209,6 @@ def new_appliers(cluster: LoopbackCluster, before: dict[str, set[Path]]) -> dict
 def pid_of(log: Path) -> int:
     """A worker's pid, which ends its log's name: ``worker-<id>-<job>-<pid>.err``."""
     return int(log.stem.rsplit("-", 1)[1])
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie has exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def stored(db: Path, table: str) -> dict[str, np.ndarray]:
@@ -270,7 +258,7 @@ def run_until_stalled(
     gcs.reset()
     gcs.outage_from(quote(names[STALLED_ROW], safe=""), "stall")
     driver = start_driver(db, table, env, concurrency=1)
-    wait_until(lambda: requested(gcs, names[STALLED_ROW]), "the stalled read")
+    wait_until(lambda: gcs.requests_for(names[STALLED_ROW]) > 0, "the stalled read")
     wait_until(lambda: len(checkpointed(db, table)) >= STALLED_ROW, "the rows before it")
     assert checkpointed(db, table) == [(row, row + 1) for row in range(STALLED_ROW)]
     return driver
@@ -344,7 +332,7 @@ def test_losing_the_driver_between_checkpoints_loses_and_repeats_no_row(
     (log,) = set().union(*new_appliers(cluster, before).values())
     driver.kill()
     driver.wait()
-    wait_until(lambda: not running(pid_of(log)), "the cluster to drop the lost driver's job")
+    wait_until(lambda: not alive(pid_of(log)), "the cluster to drop the lost driver's job")
     gcs.outage = None
 
     code, said = finish(start_driver(db, "driver_loss", env, concurrency=1))

@@ -169,15 +169,10 @@ def test_object_over_max_video_bytes_is_not_fetched(
     gcs.reset()
     s = dataclasses.replace(corpus_settings, max_video_bytes=1000)
     assert np.array_equal(embed_fn(s)(url(SIXTY)), vu.zero_embedding())
-    assert gcs.gets() == 0 and requests_for(gcs, SIXTY) > 0
+    assert gcs.gets() == 0 and gcs.requests_for(SIXTY) > 0
 
 
 # --- storage faults ---------------------------------------------------------------------
-
-
-def requests_for(proxy: FaultProxy, name: str) -> int:
-    """Requests whose path names the object ``name`` (a read, its metadata, a listing)."""
-    return sum(name in unquote_plus(r.path) for r in proxy.snapshot())
 
 
 @pytest.fixture
@@ -297,7 +292,7 @@ def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
     metadata_path = f"/o/{quote(OUTAGE_AT, safe='')}"
     stalled = [r for r in gcs.snapshot() if r.path.endswith(metadata_path)]
     assert [r.fault for r in stalled] == ["stall"] * vu.RETRY_ATTEMPTS
-    assert all(requests_for(gcs, name) for name in names[1:outage_row])
+    assert all(gcs.requests_for(name) for name in names[1:outage_row])
     first_run = gcs.snapshot()
     outage = next(i for i, r in enumerate(first_run) if OUTAGE_AT in unquote_plus(r.path))
     scheduled = {r.fault for r in first_run[:outage] if r.fault}
@@ -306,8 +301,8 @@ def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
     gcs.reset()
     backfill()
     assert scheduled | set(gcs.faults_injected()) == set(FAULTS)
-    assert [name for name in names[:outage_row] if requests_for(gcs, name)] == []
-    assert [name for name in names[outage_row:] if requests_for(gcs, name)] == names[outage_row:]
+    assert [name for name in names[:outage_row] if gcs.requests_for(name)] == []
+    assert [name for name in names[outage_row:] if gcs.requests_for(name)] == names[outage_row:]
     stored = tbl.to_arrow().to_pylist()
     assert sorted(row["video_uri"] for row in stored) == sorted(values)
     for row in stored:
