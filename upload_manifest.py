@@ -7,9 +7,9 @@ The manifest (``--manifest-name``, default ``video-embeddings-v1``) is what
 ``conn.context(cluster=..., manifest=...)`` installs on the Ray workers: a conda
 environment with the Python of ``.python-version``, ``ffmpeg<8`` for torchcodec and, through
 pip, the project's dependencies at their ``uv.lock`` versions; and a zip holding
-``video_embeddings_udf.py``, so that workers can unpickle ``VideoEmbedding``. The column
-named by ``VIDEO_EMBEDDING_COL`` is then added to the table ``GENEVA_TABLE_NAME``, unless it
-is already there. Nothing is backfilled.
+``video_embeddings_udf.py`` and the ``video_embeddings`` package it imports, so that workers
+can unpickle ``VideoEmbedding``. The column named by ``VIDEO_EMBEDDING_COL`` is then added
+to the table ``GENEVA_TABLE_NAME``, unless it is already there. Nothing is backfilled.
 
 ``--preinstalled`` is for a Ray cluster whose nodes already have FFmpeg and these packages
 (one started with ``ray start`` from this environment, say): the manifest installs nothing
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import video_embeddings
 import video_embeddings_udf as vu
 
 if TYPE_CHECKING:
@@ -44,6 +45,12 @@ logger = logging.getLogger("upload_manifest")  # not __name__, which is __main__
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MANIFEST_NAME = "video-embeddings-v1"
+UDF_MODULE = Path(vu.__file__)
+"""The module that defines ``VideoEmbedding``, which Geneva pickles by reference."""
+UDF_PACKAGE = Path(video_embeddings.__file__).parent
+"""The package of the UDF's stages, which ``UDF_MODULE`` imports."""
+ZIP_CONTENTS = f"{UDF_MODULE.name} and the {UDF_PACKAGE.name}/ package"
+"""What the zip holds, as ``describe`` and the log say it."""
 CONDA_CHANNELS = ["conda-forge"]
 FFMPEG = "ffmpeg<8"
 """torchcodec 0.8 loads the shared libraries of FFmpeg 4 to 7."""
@@ -109,18 +116,27 @@ def build_manifest(
 
 @contextlib.contextmanager
 def staged_package() -> Iterator[Path]:
-    """A temporary src-layout project holding only the UDF module, yielding its ``src``.
+    """A temporary src-layout project holding only the UDF module and its package,
+    yielding its ``src``.
 
     Geneva packages the ``src`` folder of the project around the working directory, so
     with this folder as the working directory the zip holds ``video_embeddings_udf.py``
-    and nothing else. ``copy2`` keeps the file's mtime, which Geneva's zip name hashes:
-    an unchanged module is not uploaded again."""
+    and the ``video_embeddings`` package (without ``__pycache__``), and
+    nothing else: what a worker imports to unpickle ``VideoEmbedding``. ``copy2`` and
+    ``copytree`` keep the files' mtimes, which Geneva's zip name hashes: unchanged code
+    is not uploaded again."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shutil.copy2(PROJECT_DIR / "pyproject.toml", root)
-        (root / "src").mkdir()
-        shutil.copy2(vu.__file__, root / "src")
-        yield root / "src"
+        src = root / "src"
+        src.mkdir()
+        shutil.copy2(UDF_MODULE, src)
+        shutil.copytree(
+            UDF_PACKAGE,
+            src / UDF_PACKAGE.name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        yield src
 
 
 def package_zips(output_dir: Path, *, write: bool) -> list[Path]:
@@ -143,7 +159,7 @@ def define_manifest(conn: Connection, manifest: GenevaManifest) -> None:
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", "Connection.define_manifest", DeprecationWarning)
-        logger.info("uploading %s, defining manifest %r", Path(vu.__file__).name, manifest.name)
+        logger.info("uploading %s, defining manifest %r", ZIP_CONTENTS, manifest.name)
         conn.define_manifest(manifest.name, manifest)
 
 
@@ -216,7 +232,7 @@ def describe(manifest: GenevaManifest, zips: list[Path]) -> list[str]:
         lines = [f"  image of the head and the workers: {manifest.worker_image} (no conda)"]
     else:
         lines = ["  installs nothing: the nodes already have FFmpeg and the Python packages"]
-    return lines + [f"  zip {z.name}: {Path(vu.__file__).name}" for z in zips]
+    return lines + [f"  zip {z.name}: {ZIP_CONTENTS}" for z in zips]
 
 
 def run(request: Request, settings: vu.Settings) -> None:

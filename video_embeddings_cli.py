@@ -1,7 +1,7 @@
 """The ``video-embeddings`` command: the main job for a person.
 
     video-embeddings index SOURCE... --db DIR [--table videos] [--build-index]
-                           [--cluster NAME [--manifest NAME]] [--json]
+                           [--retry-zeros] [--cluster NAME [--manifest NAME]] [--json]
     video-embeddings search (QUERY | --row N) --db DIR [--table videos] [-k 10]
                             [--aggregate mean|max|weighted|segment|none]
                             [--sheet out.png|out.html] [--json]
@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="run the backfill on this defined Geneva cluster")
     p.add_argument("--manifest", help="Geneva manifest for --cluster")
     p.add_argument("--build-index", action="store_true", help="build the ANN index now")
+    p.add_argument(
+        "--retry-zeros",
+        action="store_true",
+        help="embed again the rows that hold the zero tensor (after a fix or a new FFmpeg)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     s = commands.add_parser(
@@ -92,8 +97,13 @@ def _parser() -> argparse.ArgumentParser:
 def _print_summary(summary: IndexSummary, db: str, table: str) -> None:
     print(f"indexed {summary.found} videos into {db} (table {table}) in {summary.seconds:.1f} s")
     print(f"  embedded: {summary.embedded}")
-    print(f"  zero-tensor failures: {len(summary.failures)}")
-    for uri, reason in summary.failures.items():
+    print(f"  bad videos (zero tensor): {len(summary.bad_videos)}")
+    for uri, reason in summary.bad_videos.items():
+        print(f"    {uri}: {reason}")
+    print(
+        f"  object faults (left empty, tried again on the next run): {len(summary.object_faults)}"
+    )
+    for uri, reason in summary.object_faults.items():
         print(f"    {uri}: {reason}")
     print(f"  skipped: {summary.skipped} files without a video extension")
     print(f"  already in the table: {summary.already_indexed}")
@@ -119,6 +129,7 @@ def _index(args: argparse.Namespace) -> None:
         cluster=args.cluster,
         manifest=args.manifest,
         build_index=args.build_index,
+        retry_zeros=args.retry_zeros,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(summary), indent=2))

@@ -26,16 +26,24 @@ import numpy as np
 import pyarrow as pa
 from geneva import udf
 
+from video_embeddings.settings import granted_cpus
 from video_embeddings_sheet import Undecodable, draw_sheet, read_thumbnails
 from video_embeddings_udf import (
     EMBEDDING_DIM,
+    BadVideo,
+    ObjectFault,
     Settings,
+    SystemFault,
     VideoEmbedding,
     aggregate_max,
     aggregate_mean,
     aggregate_segment,
     aggregate_weighted,
+    decode_frames,
     embedding_column,
+    failed_rows,
+    retry_failed,
+    rows_filter,
 )
 
 if TYPE_CHECKING:
@@ -174,8 +182,13 @@ def _table_schema(settings: Settings) -> pa.Schema:
 
 def _mean_vector(video_embedding: pa.Array) -> pa.Array:
     """Geneva batch UDF body: each video's ``aggregate_mean`` vector, the zero vector for
-    the zero tensor of a video that could not be processed."""
-    return pa.array([aggregate_mean(m) for m in _matrices(video_embedding)], type=VECTOR_TYPE)
+    the zero tensor of a video that could not be processed, NULL for a NULL embedding."""
+    valid = video_embedding.is_valid().to_pylist()
+    means = [
+        aggregate_mean(m) if ok else None
+        for m, ok in zip(_matrices(video_embedding), valid, strict=True)
+    ]
+    return pa.array(means, type=VECTOR_TYPE)
 
 
 MEAN_VECTOR = udf(data_type=VECTOR_TYPE, num_cpus=1)(_mean_vector)
@@ -183,12 +196,11 @@ MEAN_VECTOR = udf(data_type=VECTOR_TYPE, num_cpus=1)(_mean_vector)
 
 
 def _matrices(column: pa.Array) -> list[np.ndarray]:
-    """A ``list<fixed_size_list<float32, 1024>>`` column (no nulls) → one ``(rows, 1024)``
-    float32 matrix per value, sharing the column's memory."""
-    offsets = column.offsets.to_numpy()
-    values = column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
-    starts = offsets - offsets[0]
-    return [values[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    """A ``list<fixed_size_list<float32, 1024>>`` column → one ``(rows, 1024)`` float32
+    matrix per value (no rows for a NULL), sharing the column's memory."""
+    offsets = column.offsets.to_numpy()  # into column.values, which keeps a NULL's slot
+    values = column.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def _uris(ds: lance.LanceDataset, column: str, where: str | None = None) -> list[str]:
@@ -219,35 +231,76 @@ class IndexSummary:
     already_indexed: int
     added: int
     embedded: int
-    failures: dict[str, str]
+    bad_videos: dict[str, str]
     """URL → reason, for the videos of this run that got the zero tensor."""
+    object_faults: dict[str, str]
+    """URL → reason, for the videos of this run left NULL by an object fault; the next
+    run tries them again."""
     rows: int
     ann_index: bool
     seconds: float
 
 
-def _check_model(model: str) -> None:
-    """Fail in seconds, before a long job, when the checkpoint cannot even be found."""
-    from transformers import AutoConfig
+def _check_model(model: str, *, hub_timeout_s: float = 10.0) -> None:
+    """Fail in seconds, before a long job, when the checkpoint cannot even be found.
 
-    try:
-        AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load the model {model!r} ({_one_line(e)}); point VJEPA_MODEL at a "
+    A local directory, or a hub id whose config is in the Hugging Face cache, is read
+    without the network. Any other hub id costs one request to the hub, without retries,
+    before ``from_pretrained`` fetches its config: offline, the downloads' own retries
+    would take about 25 s to give the same answer. That request and the cache lookup need
+    only ``huggingface_hub``, so an id that cannot be fetched fails before transformers
+    (and torch) are imported."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    def fail(why: str) -> UserError:
+        return UserError(
+            f"cannot load the model {model!r} ({why}); point VJEPA_MODEL at a "
             "local checkpoint directory, e.g. VJEPA_MODEL=/path/to/vjepa2-checkpoint"
+        )
+
+    def load_config(**options: Any) -> None:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(model, **options)
+        except (OSError, ValueError) as e:
+            raise fail(_one_line(e)) from e
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        load_config()
+        return
+    if path.is_absolute() or path.exists() or model.startswith((".", "~")):
+        raise fail("not a directory" if path.exists() else "no such directory")
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            load_config(local_files_only=True)
+            return
+        huggingface_hub.HfApi().model_info(model, timeout=hub_timeout_s)
+    except RepositoryNotFoundError as e:
+        raise fail("no such model on the Hugging Face hub, or it is private") from e
+    except (HfHubHTTPError, ValueError) as e:  # ValueError: not a valid repo id
+        raise fail(_one_line(e)) from e
+    except OSError as e:  # requests' connection errors and timeouts
+        raise fail(
+            "the Hugging Face hub cannot be reached and the model is not in its cache"
         ) from e
+    load_config()
 
 
 def _local_resources() -> dict[str, Any]:
     """Backfill options for local Ray: without CUDA, no GPU reservation (or Ray would wait
-    forever) and one applier, since torch already spreads one clip over every core; with
-    CUDA, one applier per GPU."""
+    forever) and one applier with every CPU this process may use (its decode threads
+    follow the grant), since torch already spreads one clip over every core; with CUDA,
+    one applier per GPU, the CPUs shared between them."""
     import torch
 
     if not torch.cuda.is_available():
-        return {"num_gpus": 0, "concurrency": 1}
-    return {"concurrency": torch.cuda.device_count()}
+        return {"num_gpus": 0, "num_cpus": granted_cpus(), "concurrency": 1}
+    gpus = torch.cuda.device_count()
+    return {"num_cpus": max(1, granted_cpus() // gpus), "concurrency": gpus}
 
 
 class _Progress:
@@ -347,13 +400,22 @@ def _existing_table(db_path: str, table: str) -> geneva.table.Table | None:
     return db.open_table(table) if table in db.table_names() else None
 
 
-def _failure_reason(uri: str) -> str:
-    """Why a video got the zero tensor, found again on this machine by decoding it: the
-    UDF logs its own reason on the worker that ran it."""
+def _bad_video_reason(uri: str, settings: Settings) -> str:
+    """Why a video got the zero tensor, found again on this machine by the UDF's own
+    decode (the worker that embedded it logged the same reason)."""
     try:
-        read_thumbnails(uri, 1)
-    except Undecodable as e:
+        decode_frames(
+            uri,
+            num_frames=1,
+            block_size=settings.block_size,
+            allowed_prefixes=settings.allowed_uri_prefixes,
+            max_bytes=settings.max_video_bytes,
+            max_pixels=settings.max_pixels,
+        )
+    except BadVideo as e:
         return str(e)
+    except Exception as e:
+        return _one_line(e)
     return "the embedding job returned the zero tensor (see the worker logs)"
 
 
@@ -365,10 +427,13 @@ def index(
     cluster: str | None = None,
     manifest: str | None = None,
     build_index: bool = False,
+    retry_zeros: bool = False,
 ) -> IndexSummary:
     """Add the videos under ``sources`` that the table lacks, embed every row that has no
-    embedding yet through a Geneva backfill (local Ray, or ``cluster``), fill the
-    mean-vector column, and keep the ANN index (past ``ANN_MIN_ROWS`` or when asked)."""
+    embedding yet through a Geneva backfill (local Ray, or ``cluster``), try again the rows
+    an object fault left NULL (``retry_failed``) and, with ``retry_zeros``, the rows that
+    hold the zero tensor; fill the mean-vector column for every row whose embedding is new,
+    and keep the ANN index (past ``ANN_MIN_ROWS`` or when asked)."""
     import geneva
 
     start = time.monotonic()
@@ -383,7 +448,8 @@ def index(
     stored = _stored_settings(tbl.to_lance()) if tbl is not None else None
     settings = stored or Settings.from_env()
     new, pending = _new_and_pending(tbl, settings, found.videos)
-    if pending and cluster is None:
+    zeros = _zero_rows(tbl.to_lance(), settings) if retry_zeros and tbl is not None else {}
+    if (pending or zeros) and cluster is None:
         _check_model(settings.model)  # before anything is written
 
     db = geneva.connect(db_path)
@@ -393,33 +459,98 @@ def index(
         rows = {settings.video_uri_col: list(new), "size_bytes": list(new.values())}
         tbl.add(pa.table(rows, schema=_table_schema(settings)))
         logger.info("added %d new videos to table %s", len(new), table)
-    mean_col = settings.embedding_col + MEAN_SUFFIX
-    if settings.embedding_col not in tbl.schema.names:
+    emb_col, mean_col = settings.embedding_col, settings.embedding_col + MEAN_SUFFIX
+    if emb_col not in tbl.schema.names:
         tbl.add_columns(embedding_column(settings))
     if mean_col not in tbl.schema.names:
-        tbl.add_columns({mean_col: (MEAN_VECTOR, [settings.embedding_col])})
-    if pending or tbl.count_rows(f"{mean_col} IS NULL"):
-        with _run_on(db, cluster, manifest):
-            options = {} if cluster else _local_resources()
-            if pending:
-                _backfill(tbl, settings.embedding_col, options, _Progress(len(pending)))
-            _backfill(tbl, mean_col, options, None)
+        tbl.add_columns({mean_col: (MEAN_VECTOR, [emb_col])})
+    with _run_on(db, cluster, manifest):
+        options = {} if cluster else _local_resources()
+        if pending:
+            _backfill(tbl, emb_col, options, _Progress(len(pending)))
+        retry_failed(tbl, emb_col, **options)
+        if zeros:
+            logger.info("embedding again %d rows that hold the zero tensor", len(zeros))
+            where = rows_filter(list(zeros), f"{emb_col} IS NOT NULL")
+            _backfill(tbl, emb_col, {**options, "where": where}, None)
+        _fill_means(tbl, settings, options, list(zeros))
 
     ds = tbl.to_lance()
-    failures = _zero_tensor_failures(ds, settings, pending)
-    if _wants_ann_index(ds, mean_col, build_index=build_index, changed=bool(pending)):
+    this_run = pending | set(zeros.values())
+    bad = {
+        u: _bad_video_reason(u, settings)
+        for u in _zero_rows(ds, settings).values()
+        if u in this_run
+    }
+    faults = {u: r for u, r in object_faults(tbl, settings).items() if u in this_run}
+    if _wants_ann_index(ds, mean_col, build_index=build_index, changed=bool(this_run)):
         _build_ann_index(ds, mean_col)
     return IndexSummary(
         found=len(found.videos),
         skipped=found.skipped,
         already_indexed=len(found.videos) - len(new),
         added=len(new),
-        embedded=len(pending) - len(failures),
-        failures=failures,
+        embedded=len(this_run) - len(bad) - len(faults),
+        bad_videos=bad,
+        object_faults=faults,
         rows=ds.count_rows(),
         ann_index=_has_ann_index(ds, mean_col),  # create_index updates ds
         seconds=time.monotonic() - start,
     )
+
+
+def _fill_means(
+    tbl: geneva.table.Table, settings: Settings, options: dict[str, Any], redone: list[int]
+) -> None:
+    """Backfill the mean vector of every row that has an embedding and no mean, and of
+    the ``redone`` rows: a NULL embedding keeps a NULL mean until it is filled."""
+    emb_col, mean_col = settings.embedding_col, settings.embedding_col + MEAN_SUFFIX
+    ds = tbl.to_lance()
+    missing = ds.to_table(
+        columns=[], filter=f"{emb_col} IS NOT NULL AND {mean_col} IS NULL", with_row_address=True
+    )
+    rows = sorted({*missing["_rowaddr"].to_pylist(), *redone})
+    if rows:
+        where = rows_filter(rows, f"{emb_col} IS NOT NULL")
+        _backfill(tbl, mean_col, {**options, "where": where}, None)
+
+
+def _zero_rows(ds: lance.LanceDataset, settings: Settings) -> dict[int, str]:
+    """Row address → URL of the rows whose embedding is the zero tensor of a bad video,
+    found by their zero mean vector (4 KiB a row to read instead of the whole embedding)."""
+    mean_col = settings.embedding_col + MEAN_SUFFIX
+    if mean_col not in ds.schema.names:
+        return {}
+    table = ds.to_table(
+        columns=[settings.video_uri_col, mean_col],
+        filter=f"{mean_col} IS NOT NULL",
+        with_row_address=True,
+    )
+    nonzero = np.asarray(_vectors(table[mean_col]).any(axis=1)).tolist()
+    rows, uris = table["_rowaddr"].to_pylist(), table[settings.video_uri_col].to_pylist()
+    return {r: u for r, u, ok in zip(rows, uris, nonzero, strict=True) if not ok}
+
+
+def object_faults(tbl: geneva.table.Table, settings: Settings) -> dict[str, str]:
+    """URL → reason for every row whose embedding an object fault left NULL: the latest
+    of Geneva's error records for the row."""
+    rows = failed_rows(tbl, settings.embedding_col)
+    if not rows:
+        return {}
+    records = sorted(tbl.get_errors(column_name=settings.embedding_col), key=lambda e: e.timestamp)
+    latest = {e.row_address: e for e in records}
+    ds = tbl.to_lance()
+    table = ds.to_table(
+        columns=[settings.video_uri_col],
+        filter=f"_rowaddr IN ({', '.join(map(str, rows))})",
+        with_row_address=True,
+    )
+    return {
+        u: latest[a].error_message
+        for u, a in zip(
+            table[settings.video_uri_col].to_pylist(), table["_rowaddr"].to_pylist(), strict=True
+        )
+    }
 
 
 def _new_and_pending(
@@ -436,24 +567,6 @@ def _new_and_pending(
     if settings.embedding_col in ds.schema.names:
         pending |= set(_uris(ds, settings.video_uri_col, f"{settings.embedding_col} IS NULL"))
     return new, pending
-
-
-def _zero_tensor_failures(
-    ds: lance.LanceDataset, settings: Settings, pending: set[str]
-) -> dict[str, str]:
-    """URL → reason for each video of this run whose embedding is the zero tensor, found
-    by its zero mean vector (4 KiB a row to read instead of the whole embedding)."""
-    mean_col = settings.embedding_col + MEAN_SUFFIX
-    table = ds.to_table(
-        columns=[settings.video_uri_col, mean_col], filter=f"{mean_col} IS NOT NULL"
-    )
-    uris = table[settings.video_uri_col].to_pylist()
-    nonzero = np.asarray(_vectors(table[mean_col]).any(axis=1)).tolist()
-    return {
-        u: _failure_reason(u)
-        for u, ok in zip(uris, nonzero, strict=True)
-        if not ok and u in pending
-    }
 
 
 def _wants_ann_index(
@@ -563,7 +676,10 @@ def _query_from_uri(uri: str, settings: Settings) -> tuple[str, np.ndarray]:
     except Undecodable as e:
         raise UserError(f"cannot decode the query video {uri}: {e}") from e
     _check_model(settings.model)
-    matrix = _embed_query(uri, settings)
+    try:
+        matrix = _embed_query(uri, settings)
+    except (ObjectFault, SystemFault) as e:
+        raise UserError(f"cannot embed the query video {uri}: {_one_line(e)}") from e
     if not matrix.any():
         raise UserError(f"cannot decode the query video {uri}: the model got no frames from it")
     return uri, matrix

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -48,6 +49,11 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import video_embeddings_udf as vu  # noqa: E402
+from video_embeddings.model import embed  # noqa: E402
+from video_embeddings.pipeline import Runtime  # noqa: E402
+from video_embeddings.preprocess import preprocess  # noqa: E402
+from video_embeddings.rows import EMBEDDING_TYPE  # noqa: E402
+from video_embeddings.settings import Settings  # noqa: E402
 
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 SHARED_CLIPS = ["bikes.mp4", "bigbuckbunny.mp4", "scene_cuts.mp4", "nasa_13013.mp4"]
@@ -135,32 +141,34 @@ def seed_recipe(videos: list[str], model_dir: Path) -> float:
         frames = decoder.get_frames_in_range(0, SEED_FRAMES).data
         pixels = processor(frames, return_tensors="pt")["pixel_values_videos"].to(device)
         with torch.inference_mode():
-            tokens = vu.embed(model.get_vision_features, pixels)[0]
-        return pa.array([tokens.cpu().tolist()], type=vu.EMBEDDING_TYPE)
+            tokens = embed(model.get_vision_features, pixels)[0]
+        return pa.array([tokens.cpu().tolist()], type=EMBEDDING_TYPE)
 
     one(videos[0])  # warm-up
     return rate(len(videos), lambda: [one(v) for v in videos])
 
 
-def decode_only(videos: list[str], settings: vu.Settings, rt: Any) -> float:
-    """The UDF's decode stage alone, videos per second, on all its engines at once."""
+def decode_only(videos: list[str], settings: Settings, rt: Runtime) -> float:
+    """The UDF's decode stage alone, videos per second, on all its engines at once, with
+    no row deadline."""
 
     def one(uri: str) -> None:
-        rt.engines.decode(uri, settings, lambda frames: frames)
+        rt.engines.decode(uri, settings, lambda frames: frames, deadline=math.inf)
 
     with ThreadPoolExecutor(rt.engines.size) as pool:
         return rate(len(videos), lambda: list(pool.map(one, videos)))
 
 
-def model_only(settings: vu.Settings, rt: Any, batches: int) -> float:
+def model_only(settings: Settings, rt: Runtime, batches: int) -> float:
     """Preprocessing and the encoder on synthetic uint8 clips, clips per second."""
-    crop = rt.preprocessing.crop
+    model = rt.model
+    crop = model.preprocessing.crop
     shape = (settings.embed_batch, settings.num_frames, 3, *crop)
-    clips = torch.randint(0, 256, shape, dtype=torch.uint8, device=rt.device)
+    clips = torch.randint(0, 256, shape, dtype=torch.uint8, device=model.device)
 
     def run() -> None:
         for _ in range(batches):
-            vu.embed(rt.encode, vu.preprocess(clips, rt.preprocessing, dtype=rt.dtype))
+            embed(model.encode, preprocess(clips, model.preprocessing, dtype=model.dtype))
 
     run()  # warm-up
     return rate(batches * settings.embed_batch, run)
@@ -226,7 +234,7 @@ def storage_io(files: list[Path], udf: Any) -> dict[str, float | None]:
         }
 
 
-def gpu_extras(videos: list[str], settings: vu.Settings, udf: Any) -> dict[str, Any]:
+def gpu_extras(videos: list[str], settings: Settings, udf: Any) -> dict[str, Any]:
     """Peak GPU memory of the default batch, bf16 against float32 rows, and compile."""
     from dataclasses import replace
 
@@ -240,7 +248,7 @@ def gpu_extras(videos: list[str], settings: vu.Settings, udf: Any) -> dict[str, 
     del fp32_udf
     start = time.perf_counter()
     compiled = vu.VideoEmbedding(replace(settings, compile=True)).func  # type: ignore[attr-defined]
-    rt = compiled._ready()
+    rt: Runtime = compiled._ready()
     compile_s = time.perf_counter() - start
     return {
         "peak_gpu_gib": round(peak, 2),
@@ -273,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         files = generated + shared
         videos = [str(files[i % len(files)]) for i in range(e2e_n)]
         model_dir = make_checkpoint(args.model, tmp / "model")
-        settings = vu.Settings(model=str(model_dir))
+        settings = Settings(model=str(model_dir))
         udf = vu.VideoEmbedding(settings).func  # type: ignore[attr-defined]
-        rt = udf._ready()
+        rt: Runtime = udf._ready()
 
         result: dict[str, Any] = {**describe_machine(), "model": args.model}
         result["decode_threads"] = {"cpu": rt.engines.cpu, "nvdec": rt.engines.nvdec}
@@ -300,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def logging_quiet() -> None:
-    """Keep the per-worker model-load lines out of the table."""
+    """Keep the per-worker model-load lines out of the table: the UDF module's and its
+    stages' (the ``video_embeddings`` package)."""
     import logging
 
-    logging.getLogger("video_embeddings_udf").setLevel(logging.ERROR)
+    for name in ("video_embeddings_udf", "video_embeddings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def print_table(result: dict[str, Any]) -> None:

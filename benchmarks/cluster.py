@@ -72,9 +72,11 @@ def run(cluster: LoopbackCluster, work: Path, videos: int, frames: int) -> dict[
     from bench import describe_machine, make_checkpoint
 
     import upload_manifest
-    from video_embeddings_udf import Settings, embedding_column
+    from video_embeddings.settings import Settings
+    from video_embeddings_udf import embedding_column
 
-    logging.getLogger("video_embeddings_udf").setLevel(logging.ERROR)
+    for name in ("video_embeddings_udf", "video_embeddings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     settings = Settings(model=str(make_checkpoint("tiny", work / "model")), num_frames=frames)
     uris = [str(SHARED_VIDEOS / SHARED_CLIPS[i % len(SHARED_CLIPS)]) for i in range(videos)]

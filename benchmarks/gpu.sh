@@ -29,11 +29,19 @@ PY
 export LD_LIBRARY_PATH=$w/ff:$w/av/av.libs:${LD_LIBRARY_PATH:-}
 python3 -m pip install -q --no-index --no-deps --target "$w/site" "$wheels"/*.whl
 export PYTHONPATH=$w/site
+# bench.py imports video_embeddings_udf and the video_embeddings package from this checkout,
+# so both travel with it; they need geneva and, to count the CPUs granted, ray.
+if [ ! -f video_embeddings_udf.py ] || [ ! -f video_embeddings/__init__.py ]; then
+    echo "run from the project root: video_embeddings_udf.py and video_embeddings/ are needed" >&2
+    exit 1
+fi
+stub=$w/stub
 if ! python3 -c "import geneva" 2>/dev/null; then
     # bench.py calls the UDF's batch path directly, as Geneva's applier does; only the
-    # @udf decorator is needed from geneva, so a stand-in keeps the class as it is.
-    mkdir -p "$w/stub/geneva"
-    cat > "$w/stub/geneva/__init__.py" <<'PY'
+    # @udf decorator, the Skip policy it is given and the fatal-worker error that
+    # SystemFault extends are needed from geneva, so a stand-in keeps the class as it is.
+    mkdir -p "$stub/geneva/debug"
+    cat > "$stub/geneva/__init__.py" <<'PY'
 import types
 
 
@@ -47,7 +55,30 @@ def udf(**_options):
 
     return wrap
 PY
-    export PYTHONPATH=$PYTHONPATH:$w/stub
+    cat > "$stub/geneva/errors.py" <<'PY'
+class FatalWorkerError(RuntimeError):
+    pass
+
+
+class FatalWorkerHardwareError(FatalWorkerError):
+    pass
+PY
+    touch "$stub/geneva/debug/__init__.py"
+    cat > "$stub/geneva/debug/error_store.py" <<'PY'
+class Skip:
+    def __init__(self, *exceptions, **_options):
+        self.exceptions = exceptions
+PY
+fi
+if ! python3 -c "import ray" 2>/dev/null; then
+    # Outside a Ray worker the UDF only asks ray whether it is in one.
+    mkdir -p "$stub/ray/_private"
+    printf 'def is_initialized():\n    return False\n' > "$stub/ray/__init__.py"
+    touch "$stub/ray/_private/__init__.py"
+    echo 'WORKER_MODE = 1' > "$stub/ray/_private/worker.py"
+fi
+if [ -d "$stub" ]; then
+    export PYTHONPATH=$PYTHONPATH:$stub
 fi
 timeout 560 python3 benchmarks/bench.py --model vitl-random --clips-dir "$clips" \
     --videos 256 --json "${OUT:-.}/bench_gpu.json" "$@"

@@ -28,11 +28,11 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # before gcsfs import
 import gcsfs  # noqa: E402
 from torchcodec.decoders import VideoDecoder  # noqa: E402
 
-import video_embeddings_udf as vu  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from gcs_emulator import CountingProxy, GcsEmulator  # noqa: E402
+
+from video_embeddings.decode import sample_indices  # noqa: E402
 
 VIDEOS_DIR = REPO / ".." / "shared" / "videos"
 BUCKET = "bench"
@@ -85,7 +85,7 @@ def derived_clips(videos_dir: Path, tmp: Path) -> list[Path]:
 def decode(source: Any, frames: int) -> int:
     """Build an exact-seek decoder on the source and pull the frames the UDF would sample."""
     decoder = VideoDecoder(source, seek_mode="exact")
-    indices = vu.sample_indices(decoder.metadata.num_frames, frames)
+    indices = sample_indices(decoder.metadata.num_frames, frames)
     return decoder.get_frames_at(indices).data.shape[0]
 
 
@@ -99,7 +99,7 @@ def run_strategy(
 ) -> dict[str, Any]:
     """Decode every video with one strategy; count media GETs and bytes per video."""
     fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint, skip_instance_cache=True)
-    per_video = []
+    per_video: list[dict[str, Any]] = []
     start = time.perf_counter()
     for video, size in videos.items():
         proxy.reset()

@@ -4,6 +4,7 @@ operations, embedded EMBED_BATCH at a time, and returned as one Arrow array."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,10 @@ from conftest import embed_fn
 from transformers import AutoVideoProcessor
 from transformers.models.vjepa2 import VJEPA2VideoProcessor
 
+import video_embeddings.decode
 import video_embeddings_udf as vu
+from video_embeddings.decode import DecodeEngines
+from video_embeddings.outcomes import SystemFault
 from video_embeddings_udf import EMBEDDING_TYPE, Preprocessing, Settings
 
 CLIPS = ["bikes.mp4", "nasa_13013.mp4", "bt709_full_range.mp4", "carphone_distorted.mp4"]
@@ -69,7 +73,7 @@ def test_frames_are_shrunk_a_chunk_at_a_time(
     video = str(shared_videos / "nasa_13013.mp4")
     whole = vu.decode_frames(video, num_frames=16, block_size=1 << 24)
     assert tuple(whole.shape[-2:]) == (270, 480)
-    monkeypatch.setattr(vu, "FRAME_CHUNK_BYTES", 3 * 3 * 480 * 270)
+    monkeypatch.setattr(video_embeddings.decode, "FRAME_CHUNK_BYTES", 3 * 3 * 480 * 270)
     seen: list[int] = []
 
     def record(frames: torch.Tensor) -> torch.Tensor:
@@ -110,15 +114,18 @@ def test_nvdec_unavailable_falls_back_to_the_cpu(
     same frames, NVDEC is dropped after one warning, and the CPU engine goes on alone."""
     video = str(shared_videos / "bikes.mp4")
     s = Settings(num_frames=8)
-    engines = vu._DecodeEngines(nvdec=1, cpu=1)
+    engines = DecodeEngines(nvdec=1, cpu=1)
     expected = vu.decode_frames(video, num_frames=8, block_size=s.block_size)
-    with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
-        first = engines.decode(video, s, lambda f: f)
-        second = engines.decode(video, s, lambda f: f)
+    deadline = time.monotonic() + 60
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
+        first = engines.decode(video, s, lambda f: f, deadline=deadline)
+        second = engines.decode(video, s, lambda f: f, deadline=deadline)
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert [r.getMessage() for r in caplog.records] == [
         "this torchcodec build has no CUDA decoder: decoding on the CPU"
     ]
-    strict = vu._DecodeEngines(nvdec=1, cpu=0)
-    with pytest.raises(RuntimeError, match=r"VIDEO_DECODE_DEVICE=cuda, but this torchcodec"):
-        strict.decode(video, Settings(num_frames=8, decode_device="cuda"), lambda f: f)
+    assert caplog.records[0].name == "video_embeddings.decode"
+    strict = DecodeEngines(nvdec=1, cpu=0)
+    strict_settings = Settings(num_frames=8, decode_device="cuda")
+    with pytest.raises(SystemFault, match=r"VIDEO_DECODE_DEVICE=cuda, but this torchcodec"):
+        strict.decode(video, strict_settings, lambda f: f, deadline=deadline)

@@ -14,7 +14,8 @@ from torchcodec.decoders import VideoDecoder
 from transformers import AutoModel, AutoVideoProcessor
 
 import video_embeddings_udf as vu
-from video_embeddings_udf import Settings, UnreadableVideo, sample_indices
+from video_embeddings.outcomes import SystemFault
+from video_embeddings_udf import BadVideo, Settings, sample_indices
 
 # --- settings ---------------------------------------------------------------------------
 
@@ -48,6 +49,7 @@ def test_settings_defaults_and_environment() -> None:
         "DECODE_WORKERS": "3",
         "EMBED_BATCH": "2",
         "VJEPA_COMPILE": "1",
+        "ROW_DEADLINE_S": "2.5",
     }
     assert Settings.from_env(env) == Settings(
         16,
@@ -62,7 +64,9 @@ def test_settings_defaults_and_environment() -> None:
         3,
         2,
         True,
+        row_deadline_s=2.5,
     )
+    assert Settings.from_env({}).row_deadline_s == 300.0
 
 
 @pytest.mark.parametrize(
@@ -80,6 +84,8 @@ def test_settings_defaults_and_environment() -> None:
         ({"EMBED_BATCH": "0"}, r"Invalid EMBED_BATCH \(0\)"),
         ({"DECODE_WORKERS": "0"}, r"Invalid DECODE_WORKERS \(0\)"),
         ({"VJEPA_COMPILE": "yes please"}, r"Invalid VJEPA_COMPILE \('yes please'\)"),
+        ({"ROW_DEADLINE_S": "0"}, r"Invalid ROW_DEADLINE_S \(0\.0\)\. It must be above 0"),
+        ({"ROW_DEADLINE_S": "5m"}, r"Invalid ROW_DEADLINE_S \('5m'\)\. It must be a number"),
     ],
 )
 def test_settings_reject_bad_values(env: dict[str, str], message: str) -> None:
@@ -110,7 +116,7 @@ def test_sample_indices_are_rounded_linspace() -> None:
     long = sample_indices(250, 64)
     assert long[0] == 0 and long[-1] == 249 and len(long) == 64
     assert long == [round(i * 249 / 63) for i in range(64)]
-    with pytest.raises(UnreadableVideo, match="no frames"):
+    with pytest.raises(BadVideo, match="no frames"):
         sample_indices(0, 64)
 
 
@@ -202,10 +208,14 @@ def test_model_input_matches_checkpoint_crop(settings: Settings, shared_videos: 
 
 
 def test_odd_num_frames_is_refused_with_reason(tiny_model_dir: Path, shared_videos: Path) -> None:
-    """NUM_FRAMES must fill whole tubelets; an odd value fails loudly at model load."""
+    """NUM_FRAMES must fill whole tubelets; an odd value fails loudly at model load, as a
+    model that cannot load: a system fault naming the checkpoint and the setting."""
     fn = embed_fn(Settings(model=str(tiny_model_dir), num_frames=15))
-    with pytest.raises(ValueError, match=r"Invalid NUM_FRAMES \(15\).*tubelet size \(2\)"):
+    with pytest.raises(SystemFault, match=r"Invalid NUM_FRAMES \(15\).*tubelet size \(2\)") as e:
         fn(str(shared_videos / "bikes.mp4"))
+    assert str(e.value).startswith(f"cannot load the model {str(tiny_model_dir)!r}: ")
+    assert isinstance(e.value.__cause__, ValueError)
+    assert fn.udf._runtime is None
 
 
 # --- bad input --------------------------------------------------------------------------
@@ -261,10 +271,10 @@ def test_bad_input_gives_zero_tensor_and_one_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A video that cannot be processed returns [[0.0] * 1024] and logs its URL and why."""
-    with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
         out = loaded(bad_inputs[name])
     assert np.array_equal(out, np.zeros((1, 1024), np.float32))
-    lines = [r.getMessage() for r in caplog.records if r.name == "video_embeddings_udf"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("video_embeddings")]
     assert len(lines) == 1
     assert lines[0].startswith(f"zero embedding for {bad_inputs[name]}: ") and reason in lines[0]
     assert "\n" not in lines[0]
@@ -272,7 +282,7 @@ def test_bad_input_gives_zero_tensor_and_one_log_line(
 
 def test_ffmpeg_missing_is_one_clear_line(tmp_path: Path) -> None:
     """Without FFmpeg's libraries the error is one line naming the fix, not torchcodec's
-    long traceback. FFmpeg is hidden for real: in a private mount namespace, /dev/null is
+    long traceback, raised as a system fault (the worker cannot decode anything). FFmpeg is hidden for real: in a private mount namespace, /dev/null is
     bound over each libavcodec, so the loader cannot use it (needs root and unshare)."""
     import glob
     import shutil
@@ -296,7 +306,8 @@ def test_ffmpeg_missing_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last == (
-        "RuntimeError: torchcodec could not load FFmpeg's shared libraries (versions 4 to 7); "
+        "video_embeddings.outcomes.SystemFault: torchcodec could not load FFmpeg's shared "
+        "libraries (versions 4 to 7); "
         "install them, e.g. `apt-get install ffmpeg` on Debian/Ubuntu."
     )
     assert "libtorchcodec" not in result.stderr
@@ -359,18 +370,20 @@ def test_model_loads_once_on_cpu_with_sdpa_and_no_predictor(
     on the CPU with one warning, with SDPA attention, and the predictor never runs."""
     fn = embed_fn(settings)
     assert fn.udf._runtime is None
-    with caplog.at_level(logging.WARNING, logger="video_embeddings_udf"):
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
         fn(str(shared_videos / "carphone_distorted.mp4"))
-        model = fn.udf._runtime.model
+        loaded = fn.udf._runtime.model
+        model = loaded.encode.__self__  # the Hugging Face model behind get_vision_features
         predictor_calls = []
         model.predictor.register_forward_hook(lambda *args: predictor_calls.append(1))
         fn(str(shared_videos / "h265_video.mp4"))
-    assert fn.udf._runtime.model is model
+    assert fn.udf._runtime.model is loaded
     assert [r.getMessage() for r in caplog.records] == [
         "no CUDA device: V-JEPA2 runs on the CPU, which is slow"
     ]
     assert model.config._attn_implementation == "sdpa"
     assert next(model.parameters()).dtype == torch.float32
+    assert (loaded.device, loaded.dtype) == ("cpu", torch.float32)
     assert predictor_calls == []
 
 
@@ -381,7 +394,9 @@ def test_bfloat16_stays_close_to_float32(settings: Settings, shared_videos: Path
     full = np.stack(embed_fn(settings)(video))
     bf16_fn = embed_fn(Settings(model=settings.model, dtype="bfloat16"))
     half = np.stack(bf16_fn(video))
-    assert next(bf16_fn.udf._runtime.model.parameters()).dtype == torch.bfloat16
+    loaded = bf16_fn.udf._runtime.model
+    assert next(loaded.encode.__self__.parameters()).dtype == torch.bfloat16
+    assert loaded.dtype == torch.bfloat16
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, full, rtol=0.05, atol=0.05)
     assert np.abs(half - full).max() > 0
@@ -405,7 +420,7 @@ def test_cuda_defaults_to_bfloat16(settings: Settings, shared_videos: Path) -> N
     """On a CUDA machine the model runs on the GPU in bfloat16 by default."""
     fn = embed_fn(settings)
     rows = np.stack(fn(str(shared_videos / "bikes.mp4")))
-    param = next(fn.udf._runtime.model.parameters())
+    param = next(fn.udf._runtime.model.encode.__self__.parameters())
     assert param.device.type == "cuda" and param.dtype == torch.bfloat16
     assert rows.shape == (64, 1024) and np.isfinite(rows).all()
 

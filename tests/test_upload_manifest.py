@@ -1,6 +1,7 @@
-"""upload_manifest.py against real local Geneva databases: the manifest row and its zip,
-the column, the dry run, the errors, and the UDF unpickled from the table in a process
-that has only the packaged files."""
+"""upload_manifest.py against real local Geneva databases: the manifest row and its zip
+(the UDF module and the ``video_embeddings`` package), the column, the dry run, the
+errors, and the UDF unpickled from the table in a process that has only the packaged
+files."""
 
 from __future__ import annotations
 
@@ -68,6 +69,22 @@ def manifest_zips(manifest: Any) -> list[Path]:
     return [Path(uri.removeprefix("file://")) for group in manifest.zips for uri in group]
 
 
+def packaged_files() -> dict[str, Path]:
+    """What the zip must hold, by name in the zip: the UDF module and every file of the
+    ``video_embeddings`` package it imports, bytecode caches aside."""
+    package = PROJECT / "video_embeddings"
+    files = {"video_embeddings_udf.py": PROJECT / "video_embeddings_udf.py"}
+    for path in package.rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            files[path.relative_to(PROJECT).as_posix()] = path
+    return dict(sorted(files.items()))
+
+
+def zipped_names(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as z:
+        return sorted(z.namelist())
+
+
 # --- real runs, as subprocesses ---------------------------------------------------------
 
 
@@ -117,7 +134,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
 ) -> None:
     """--dry-run leaves the database exactly as it was and the working directory empty;
     it prints the manifest and the column it would add, --verbose logs the steps, and
-    --generate-zip writes the very zip the real run uploads, holding only the module."""
+    --generate-zip writes the very zip the real run uploads, holding only the module and
+    its package."""
     dry = runs["dry"]
     assert dry.returncode == 0, dry.stderr
     assert runs["after_dry"] == runs["before"]
@@ -134,8 +152,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
     assert f"wrote {written}\n" in dry.stdout
     [uploaded] = manifest_zips(geneva.connect(str(runs["db"])).list_manifests()[0])
     assert written.name == uploaded.name
-    with zipfile.ZipFile(written) as z:
-        assert z.namelist() == ["video_embeddings_udf.py"]
+    assert f"  zip {written.name}: {upload_manifest.ZIP_CONTENTS}\n" in dry.stdout
+    assert zipped_names(written) == list(packaged_files())
 
 
 def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
@@ -143,7 +161,8 @@ def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
 ) -> None:
     """The manifest row: conda-forge, Python from .python-version, ffmpeg<8, and a pip
     list of every project dependency at its uv.lock version; its one zip, stored in the
-    database, holds video_embeddings_udf.py byte for byte."""
+    database, holds video_embeddings_udf.py and the video_embeddings package byte for
+    byte, and nothing else."""
     assert runs["first"].returncode == 0, runs["first"].stderr
     [manifest] = geneva.connect(str(runs["db"])).list_manifests()
     assert manifest.name == MANIFEST
@@ -156,11 +175,12 @@ def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
     assert manifest.head_image is None and manifest.worker_image is None
     [stored] = manifest_zips(manifest)
     assert stored.is_relative_to(runs["db"])
+    files = packaged_files()
+    assert {"video_embeddings/__init__.py", "video_embeddings/pipeline.py"} <= files.keys()
+    assert zipped_names(stored) == list(files)
     with zipfile.ZipFile(stored) as z:
-        assert z.namelist() == ["video_embeddings_udf.py"]
-        assert (
-            z.read("video_embeddings_udf.py") == (PROJECT / "video_embeddings_udf.py").read_bytes()
-        )
+        for name, path in files.items():
+            assert z.read(name) == path.read_bytes(), name
     assert f"defined manifest '{MANIFEST}' in {runs['db']}:\n" in runs["first"].stdout
 
 
@@ -184,6 +204,18 @@ def test_column_is_added_once_with_its_type(runs: dict[str, Any]) -> None:
     assert len(geneva.connect(str(runs["db"])).list_manifests()) == 1
 
 
+def test_staged_package_holds_the_module_and_package_with_their_mtimes() -> None:
+    """The staged ``src`` holds the UDF module and the package's files, no bytecode
+    caches, each with its source's mtime: Geneva names the zip by a hash of names and
+    mtimes, so unchanged code keeps its zip."""
+    with upload_manifest.staged_package() as src:
+        staged = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+        assert list(dict(sorted(staged.items()))) == list(packaged_files())
+        for name, path in packaged_files().items():
+            assert staged[name].stat().st_mtime_ns == path.stat().st_mtime_ns, name
+    assert not src.exists()
+
+
 UNPICKLE = """
 import sys
 import numpy as np
@@ -195,7 +227,9 @@ from geneva.runners.ray.pipeline import fetch_udf
 db, out = sys.argv[1:]
 tbl = geneva.connect(db).open_table("videos")
 udf = DockerUDFPackager().unmarshal(fetch_udf(tbl, "video_embedding"))
+import video_embeddings.pipeline
 import video_embeddings_udf
+print(video_embeddings.pipeline.__file__)
 print(video_embeddings_udf.__file__)
 uri = tbl.to_arrow()["video_uri"][0].as_py()
 np.save(out, np.array(udf(pa.record_batch({"video_uri": [uri]})).to_pylist()[0]))
@@ -207,9 +241,11 @@ def test_udf_unpickles_and_embeds_with_only_the_packaged_files(
 ) -> None:
     """In a fresh process whose path holds the unzipped package and the third-party
     site-packages, without the project's editable install (no .pth processing), the
-    column's UDF unpickles from the table, imports the module from the package, loads
-    the tiny checkpoint and embeds the shared clip as an in-process call does."""
+    column's UDF unpickles from the table, imports the module and the video_embeddings
+    package from the unzipped files, loads the tiny checkpoint and embeds the shared clip
+    as an in-process call does."""
     [stored] = manifest_zips(geneva.connect(str(runs["db"])).list_manifests()[0])
+    assert "video_embeddings/pipeline.py" in zipped_names(stored)
     package = runs["tmp"] / "package"
     zipfile.ZipFile(stored).extractall(package)
     out = runs["tmp"] / "rows.npy"
@@ -224,7 +260,9 @@ def test_udf_unpickles_and_embeds_with_only_the_packaged_files(
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == str(package / "video_embeddings_udf.py")
+    *_, stages, module = done.stdout.splitlines()
+    assert stages == str(package / "video_embeddings" / "pipeline.py")
+    assert module == str(package / "video_embeddings_udf.py")
     rows = np.load(out)
     assert rows.shape == (NUM_FRAMES, 1024)
     settings = Settings(model=str(tiny_model_dir), num_frames=NUM_FRAMES)
@@ -286,15 +324,15 @@ def test_image_option_sets_both_images_and_skips_conda(tmp_path: Path) -> None:
     [manifest] = geneva.connect(str(db)).list_manifests()
     assert manifest.head_image == manifest.worker_image == "registry/video:1"
     assert manifest.conda == {} and manifest.pip == []
-    with zipfile.ZipFile(manifest_zips(manifest)[0]) as z:
-        assert z.namelist() == ["video_embeddings_udf.py"]
+    assert zipped_names(manifest_zips(manifest)[0]) == list(packaged_files())
 
 
-def test_preinstalled_installs_nothing_and_ships_the_module(
+def test_preinstalled_installs_nothing_and_ships_the_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--preinstalled stores a manifest with no conda, pip or image, and the zip of the
-    module alone; it says so. With --image it is refused: they are two kinds of cluster."""
+    module and its package alone; it says so. With --image it is refused: they are two
+    kinds of cluster."""
     db = make_db(tmp_path / "db")
     env = {"GENEVA_TABLE_NAME": "videos"}
     assert upload_manifest.main(["--bucket", str(db), "--preinstalled"], env) == 0
@@ -302,8 +340,7 @@ def test_preinstalled_installs_nothing_and_ships_the_module(
     [manifest] = geneva.connect(str(db)).list_manifests()
     assert (manifest.conda, manifest.pip) == ({}, [])
     assert manifest.head_image is None and manifest.worker_image is None
-    with zipfile.ZipFile(manifest_zips(manifest)[0]) as z:
-        assert z.namelist() == ["video_embeddings_udf.py"]
+    assert zipped_names(manifest_zips(manifest)[0]) == list(packaged_files())
     with pytest.raises(SystemExit) as exit_:
         upload_manifest.main(["--bucket", str(db), "--preinstalled", "--image", "x:1"], env)
     assert exit_.value.code == 2

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from conftest import embed_fn
 
+import video_embeddings.storage
 import video_embeddings_udf as vu
-from video_embeddings_udf import Settings, UnreadableVideo, check_uri, redact
-
-DEFAULT = vu.DEFAULT_ALLOWED_URI_PREFIXES
+from video_embeddings.outcomes import ObjectFault
+from video_embeddings.settings import DEFAULT_ALLOWED_URI_PREFIXES as DEFAULT
+from video_embeddings_udf import BadVideo, Settings, check_uri, redact
 
 # --- settings ---------------------------------------------------------------------------
 
@@ -101,7 +102,7 @@ def test_default_allows_object_stores_local_paths_and_public_http(uri: str) -> N
 def test_default_refuses_non_public_hosts_and_other_schemes(uri: str, reason: str) -> None:
     """Loopback, link-local (the metadata server), private and other non-public hosts,
     however written, and schemes outside the list are refused, with the reason."""
-    with pytest.raises(UnreadableVideo) as refused:
+    with pytest.raises(BadVideo) as refused:
         check_uri(uri, DEFAULT)
     assert str(refused.value).startswith("URL not allowed: ")
     assert reason in str(refused.value)
@@ -126,7 +127,7 @@ def test_explicit_prefixes_allow_exactly_what_they_name() -> None:
         ("/data/videos2/a.mp4", "matches no"),
         ("gs://bucket/a.mp4", "matches no"),
     ]:
-        with pytest.raises(UnreadableVideo, match=reason):
+        with pytest.raises(BadVideo, match=reason):
             check_uri(uri, prefixes)
 
 
@@ -170,7 +171,7 @@ def listener() -> Iterator[Listener]:
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """The UDF's retries, without the sleeps between them (4 attempts, as in production)."""
-    monkeypatch.setattr(vu, "RETRY_BASE_DELAY_S", 0.0)
+    monkeypatch.setattr(video_embeddings.storage, "RETRY_BASE_DELAY_S", 0.0)
 
 
 def test_refused_url_gets_zero_tensor_one_log_line_and_no_connection(
@@ -183,19 +184,22 @@ def test_refused_url_gets_zero_tensor_one_log_line_and_no_connection(
     fn = embed_fn(settings)
     fn.udf._ready()  # the model's load logs its own line first
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=vu.__name__):
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
         out = fn(uri)
     assert np.array_equal(out, vu.zero_embedding())
-    assert [r.getMessage() for r in caplog.records if r.name == vu.__name__] == [
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("video_embeddings")] == [
         f"zero embedding for {uri}: URL not allowed: host 127.0.0.1 is loopback (127.0.0.1); "
         "list its prefix in ALLOWED_URI_PREFIXES to allow it"
     ]
     assert listener.connections == 0
 
     allowed = dataclasses.replace(settings, allowed_uri_prefixes=(f"{listener.endpoint}/",))
-    with pytest.raises(aiohttp.ClientConnectionError, match="failed after 4 attempts"):
+    with pytest.raises(ObjectFault, match=r"failed after 4 attempts: \w+") as raised:
         embed_fn(allowed)(uri)
-    assert listener.connections >= vu.RETRY_ATTEMPTS
+    assert str(raised.value).startswith(f"reading {uri} failed after 4 attempts: ")
+    last_error = str(raised.value).split(" attempts: ", 1)[1].split(":")[0]
+    assert issubclass(getattr(aiohttp, last_error), aiohttp.ClientConnectionError), last_error
+    assert listener.connections >= video_embeddings.storage.RETRY_ATTEMPTS
 
 
 # --- an HTTP server for redirects, errors and streams -----------------------------------
@@ -286,7 +290,7 @@ def test_object_over_max_video_bytes_is_refused_unread(
     log line with its size (on gs:// no byte of it is fetched: see test_reliability)."""
     size = clips["mp4"].stat().st_size
     s = dataclasses.replace(settings, max_video_bytes=size - 1)
-    with caplog.at_level(logging.WARNING, logger=vu.__name__):
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
         assert np.array_equal(embed_fn(s)(str(clips["mp4"])), vu.zero_embedding())
     assert caplog.records[-1].getMessage() == (
         f"zero embedding for {clips['mp4']}: object is {size} bytes, "
@@ -301,7 +305,7 @@ def test_object_of_unknown_size_is_refused(
     """A 256 MiB object served without a Content-Length can be neither checked against
     MAX_VIDEO_BYTES nor seeked (which decoding needs): the zero tensor and a log line,
     and the server got to send only what socket buffers took before the UDF hung up."""
-    with caplog.at_level(logging.WARNING, logger=vu.__name__):
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
         out = embed_fn(allowing(settings, server))(f"{server.endpoint}/endless.mp4")
     assert np.array_equal(out, vu.zero_embedding())
     assert (
@@ -344,14 +348,14 @@ def test_signed_url_secrets_reach_no_log_line_or_error(
     settings: Settings, server: Server, no_backoff: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A missing object (404) gets the zero tensor; an object behind a persistent 503 is
-    retried and raised, never zeroed. Neither the signature nor the password (plain or
+    retried and raised as an object fault (the row is left NULL), never zeroed. Neither the signature nor the password (plain or
     as the Basic Authorization header) appears in a log record of any logger at INFO or
     above, in the error's message, or in a chained exception. (fsspec's own DEBUG log
     prints whole URLs.)"""
     fn = embed_fn(allowing(settings, server))
     with caplog.at_level(logging.INFO):
         assert np.array_equal(fn(signed(server, "/missing.mp4")), vu.zero_embedding())
-        with pytest.raises(Exception) as raised:
+        with pytest.raises(ObjectFault) as raised:
             fn(signed(server, "/unavailable.mp4"))
     error = raised.value
     host = server.endpoint.removeprefix("http://")
@@ -366,7 +370,7 @@ def test_signed_url_secrets_reach_no_log_line_or_error(
         f"zero embedding for http://<redacted>@{host}/missing.mp4?<redacted>: object does not exist"
     ]
     retries = [r for r in caplog.records if "transient fault" in r.getMessage()]
-    assert len(retries) == vu.RETRY_ATTEMPTS - 1
+    assert len(retries) == video_embeddings.storage.RETRY_ATTEMPTS - 1
     basic = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
     texts = [str(error), repr(error), *(caplog.text.splitlines())]
     assert not [t for t in texts if SECRET in t or PASSWORD in t or basic in t]
