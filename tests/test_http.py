@@ -14,6 +14,7 @@ import pytest
 from conftest import embed_fn
 
 import video_embeddings_udf as vu
+from video_embeddings.outcomes import ObjectFault
 from video_embeddings_udf import Settings
 
 
@@ -54,3 +55,20 @@ def test_http_video_matches_local(http_base: str, settings: Settings, shared_vid
 def test_http_404_gives_zero_tensor(http_base: str, settings: Settings) -> None:
     """An HTTP 404 is a missing object: the zero tensor, not a failed job."""
     assert np.array_equal(embed_fn(settings)(f"{http_base}/nope.mp4"), vu.zero_embedding())
+
+
+def test_server_ignoring_range_is_an_object_fault(
+    http_base: str, settings: Settings, shared_videos: Path
+) -> None:
+    """This server ignores ``Range`` and answers every read with the whole file. With
+    64 KiB blocks, the second block cannot be read: an ObjectFault after one attempt (the
+    row is left NULL to be retried), neither the zero tensor nor a retried read."""
+    small_blocks = dataclasses.replace(settings, block_size=64 * 1024)
+    uri = f"{http_base}/bikes.mp4"
+    assert (shared_videos / "bikes.mp4").stat().st_size > 2 * small_blocks.block_size
+    with pytest.raises(ObjectFault) as raised:
+        embed_fn(small_blocks)(uri)
+    assert str(raised.value).startswith(
+        f"reading {uri} failed after 1 attempt: ValueError: The HTTP server doesn't appear "
+        "to support range requests."
+    )

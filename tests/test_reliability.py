@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import subprocess
@@ -32,8 +31,10 @@ from corpus import ENTRIES, HUGE_DURATION_MS, HUGE_FRAME_COUNT, SIXTY, Entry, bu
 from gcs_emulator import FAULTS, FaultProxy, GcsEmulator
 from torchcodec.decoders import VideoDecoder
 
+import video_embeddings.storage
 import video_embeddings_udf as vu
-from video_embeddings_udf import Settings, embedding_column
+from video_embeddings.outcomes import OUTAGE_FAULTS, ObjectFault
+from video_embeddings_udf import Settings, embedding_column, retry_failed
 
 BUCKET = "corpus"
 NUM_FRAMES = 16
@@ -41,6 +42,9 @@ CLIENT_TIMEOUT_S = 2
 """gcsfs's request timeout here (its default is aiohttp's 5 minutes): a stall past it
 raises TimeoutError, which gcsfs leaves to the UDF to retry."""
 REFUSED_URL = "http://169.254.169.254/computeMetadata/v1/video.mp4"
+TAIL = [f"tail/{i:02d}.mp4" for i in range(3 * OUTAGE_FAULTS)]
+"""One-frame clips after the corpus, so that an outage midway leaves enough rows for the
+skip budget to trip on each of Geneva's 3 attempts at the task."""
 
 
 def url(name: str) -> str:
@@ -61,6 +65,8 @@ def gcs(tmp_path_factory: pytest.TempPathFactory, clips: dict[str, Path]) -> Ite
     ):
         for name, data in objects.items():
             emulator.upload(BUCKET, name, data)
+        for name in TAIL:
+            emulator.upload(BUCKET, name, clips["one"].read_bytes())
         patch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
         patch.setenv("FSSPEC_GCS", json.dumps(options))  # read by fsspec in the Ray workers
         patch.setitem(fsspec.config.conf, "gcs", options)
@@ -90,7 +96,7 @@ class _UdfLines(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name == vu.__name__ and "CUDA" not in record.getMessage():
+        if record.name.startswith("video_embeddings") and "CUDA" not in record.getMessage():
             self.lines.append(record.getMessage())
 
 
@@ -99,7 +105,7 @@ def clean(gcs: FaultProxy, corpus_settings: Settings) -> dict[str, Result]:
     """Each corpus entry embedded by a direct call, with no fault injected, and the
     UDF's log lines for it: the reference for every test here."""
     fn = embed_fn(corpus_settings)
-    logger = logging.getLogger(vu.__name__)
+    logger = logging.getLogger("video_embeddings")
     out = {}
     for entry in ENTRIES:
         handler = _UdfLines()
@@ -179,7 +185,7 @@ def test_object_over_max_video_bytes_is_not_fetched(
 def faults(gcs: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     """The fault proxy, counting from zero; the UDF's backoff is cut to zero in this
     process (its schedule is unchanged: 4 attempts). Faults are switched off afterwards."""
-    monkeypatch.setattr(vu, "RETRY_BASE_DELAY_S", 0.0)
+    monkeypatch.setattr(video_embeddings.storage, "RETRY_BASE_DELAY_S", 0.0)
     gcs.reset()
     yield gcs
     gcs.every, gcs.faults, gcs.outage = 0, FAULTS, None
@@ -197,7 +203,7 @@ def test_transient_fault_is_retried_to_the_clean_result(
     stalled past the client's timeout, the video still embeds to exactly its clean rows:
     gcsfs retries the first three itself, the UDF retries the stall. No zero tensor."""
     faults.fault_next("alt=media", fault)
-    with caplog.at_level(logging.WARNING, logger=vu.__name__):
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
         rows = np.stack(embed_fn(corpus_settings)(url(SIXTY)))
     np.testing.assert_array_equal(rows, clean[SIXTY].rows)
     assert faults.faults_injected() == {fault: 1}
@@ -213,7 +219,12 @@ GCSFS_TRIES = 6
 @pytest.mark.parametrize(
     ("fault", "error", "message", "reads"),
     [
-        ("503", OSError, "HttpError: injected fault, 503", vu.RETRY_ATTEMPTS * GCSFS_TRIES),
+        (
+            "503",
+            ObjectFault,
+            "HttpError: injected fault, 503",
+            video_embeddings.storage.RETRY_ATTEMPTS * GCSFS_TRIES,
+        ),
     ],
 )
 def test_persistent_outage_fails_after_bounded_attempts(
@@ -225,7 +236,8 @@ def test_persistent_outage_fails_after_bounded_attempts(
     corpus_settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A 503 outage raises a clear error, and no zero tensor, after 4 UDF attempts of 6
+    """A 503 that persists is an object fault (the row is left NULL), with a clear
+    message and no zero tensor, after 4 UDF attempts of 6
     gcsfs tries each of the object's metadata GET. The sleeps between tries are cut to
     zero in this process; in production they bound such an outage to about 2.3 minutes
     per row (4 x 33 s of gcsfs backoff plus the UDF's 1, 2 and 4 s). A stalled storage
@@ -240,7 +252,8 @@ def test_persistent_outage_fails_after_bounded_attempts(
     with pytest.raises(error) as raised:
         embed_fn(corpus_settings)(url(SIXTY))
     assert str(raised.value) == (
-        f"reading {url(SIXTY)} failed after {vu.RETRY_ATTEMPTS} attempts: {message}"
+        f"reading {url(SIXTY)} failed after {video_embeddings.storage.RETRY_ATTEMPTS} "
+        f"attempts: {message}"
     )
     metadata_gets = [r for r in faults.snapshot() if r.path.endswith("/o/odd%2Fsixty%20frames.mp4")]
     assert len(metadata_gets) == reads
@@ -252,8 +265,13 @@ OUTAGE_AT = "odd/10-bit.mp4"
 FAULT_EVERY = 8
 """A fault every 8 requests: 503, 429, reset and stall in turn, so each comes once in
 the 32 or more requests that the rows before OUTAGE_AT make."""
+ROW_DEADLINE_S = 5.0
+"""Each row of the outage gives up after this long: two stalled requests of the client's
+2 s timeout and the backoff between them; a row before the outage has time for one
+stall and a clean read."""
 
 
+@pytest.mark.slow
 def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
     gcs: FaultProxy,
     clean: dict[str, Result],
@@ -261,37 +279,34 @@ def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
     tmp_path: Path,
     local_ray: None,
 ) -> None:
-    """One Geneva backfill over the corpus and a refused metadata-server URL, on local Ray,
-    with a fault every FAULT_EVERY requests. When it reaches OUTAGE_AT the storage stalls
-    for good: the job fails with an error naming that object after exactly 4 timed-out
-    attempts, and writes nothing (so no zeros). The rerun resumes: no row that Geneva
-    checkpointed before the outage is read again, every later row is read, and every row
-    ends with exactly its clean result, once."""
-    values = [REFUSED_URL, *(url(e.name) for e in ENTRIES)]
+    """One Geneva backfill over the corpus, a refused metadata-server URL and the tail, on
+    local Ray, with a fault every FAULT_EVERY requests. When it reaches OUTAGE_AT the
+    storage stalls for good: each row then fails at its ROW_DEADLINE_S, the skip budget
+    calls it an outage after OUTAGE_FAULTS of them, and after Geneva's 3 attempts on fresh
+    workers the job fails, naming the outage, and commits nothing (so no zeros and no
+    NULLs in the table). The rerun resumes: no row that Geneva checkpointed before the
+    outage is read again; ``retry_failed`` reads the rows the outage left NULL; every row
+    ends with exactly its clean result."""
+    values = [REFUSED_URL, *(url(e.name) for e in ENTRIES), *(url(t) for t in TAIL)]
     names = [v.removeprefix(f"gs://{BUCKET}/") for v in values]
     outage_row = names.index(OUTAGE_AT)
+    s = dataclasses.replace(corpus_settings, row_deadline_s=ROW_DEADLINE_S)
     db = geneva.connect(str(tmp_path / "db"))
     tbl = db.create_table("videos", pa.table({"video_uri": values}))
-    tbl.add_columns(embedding_column(corpus_settings))
+    tbl.add_columns(embedding_column(s))
     # one applier and a checkpoint per row, so that the rows before the outage are done
-    backfill = functools.partial(
-        tbl.backfill, "video_embedding", num_gpus=0, concurrency=1, checkpoint_size=1,
-        task_size=len(values), batch_checkpoint_flush_interval_seconds=0,
-    )  # fmt: skip
+    options = {
+        "num_gpus": 0, "concurrency": 1, "checkpoint_size": 1, "task_size": len(values),
+        "batch_checkpoint_flush_interval_seconds": 0,
+    }  # fmt: skip
 
     gcs.reset()
     gcs.every = FAULT_EVERY
     gcs.outage_from(quote(OUTAGE_AT, safe=""), "stall")
-    with pytest.raises(Exception) as failed:
-        backfill()
-    assert (
-        f"reading {url(OUTAGE_AT)} failed after {vu.RETRY_ATTEMPTS} attempts: FSTimeoutError"
-        in str(failed.value)
-    )
+    with pytest.raises(Exception, match="storage outage") as failed:
+        tbl.backfill("video_embedding", **options)
+    assert "of the last 16 objects could not be read" in str(failed.value)
     assert tbl.to_arrow()["video_embedding"].null_count == len(values)
-    metadata_path = f"/o/{quote(OUTAGE_AT, safe='')}"
-    stalled = [r for r in gcs.snapshot() if r.path.endswith(metadata_path)]
-    assert [r.fault for r in stalled] == ["stall"] * vu.RETRY_ATTEMPTS
     assert all(gcs.requests_for(name) for name in names[1:outage_row])
     first_run = gcs.snapshot()
     outage = next(i for i, r in enumerate(first_run) if OUTAGE_AT in unquote_plus(r.path))
@@ -299,13 +314,17 @@ def test_backfill_survives_faults_fails_on_an_outage_and_resumes(
 
     gcs.outage = None
     gcs.reset()
-    backfill()
+    tbl.backfill("video_embedding", **options)
+    retry_failed(tbl, "video_embedding", **options)
     assert scheduled | set(gcs.faults_injected()) == set(FAULTS)
     assert [name for name in names[:outage_row] if gcs.requests_for(name)] == []
-    assert [name for name in names[outage_row:] if gcs.requests_for(name)] == names[outage_row:]
+    assert gcs.requests_for(OUTAGE_AT) > 0
     stored = tbl.to_arrow().to_pylist()
     assert sorted(row["video_uri"] for row in stored) == sorted(values)
+    one = np.stack(embed_fn(corpus_settings)(url(TAIL[0])))
     for row in stored:
         name = row["video_uri"].removeprefix(f"gs://{BUCKET}/")
-        expected = clean[name].rows if name in clean else np.zeros((1, 1024), np.float32)
+        expected = clean[name].rows if name in clean else one
+        if row["video_uri"] == REFUSED_URL:
+            expected = np.zeros((1, 1024), np.float32)
         np.testing.assert_array_equal(np.array(row["video_embedding"]), expected)

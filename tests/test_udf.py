@@ -282,8 +282,9 @@ def test_bad_input_gives_zero_tensor_and_one_log_line(
 
 def test_ffmpeg_missing_is_one_clear_line(tmp_path: Path) -> None:
     """Without FFmpeg's libraries the error is one line naming the fix, not torchcodec's
-    long traceback, raised as a system fault (the worker cannot decode anything). FFmpeg is hidden for real: in a private mount namespace, /dev/null is
-    bound over each libavcodec, so the loader cannot use it (needs root and unshare)."""
+    long traceback, raised as a system fault (the worker cannot decode anything). FFmpeg
+    is hidden for real: in a private mount namespace, /dev/null is bound over each
+    libavcodec, so the loader cannot use it (needs root and unshare)."""
     import glob
     import shutil
     import subprocess

@@ -348,10 +348,10 @@ def test_signed_url_secrets_reach_no_log_line_or_error(
     settings: Settings, server: Server, no_backoff: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A missing object (404) gets the zero tensor; an object behind a persistent 503 is
-    retried and raised as an object fault (the row is left NULL), never zeroed. Neither the signature nor the password (plain or
-    as the Basic Authorization header) appears in a log record of any logger at INFO or
-    above, in the error's message, or in a chained exception. (fsspec's own DEBUG log
-    prints whole URLs.)"""
+    retried and raised as an object fault (the row is left NULL), never zeroed. Neither
+    the signature nor the password (plain or as the Basic Authorization header) appears
+    in a log record of any logger at INFO or above, in the error's message, or in a
+    chained exception. (fsspec's own DEBUG log prints whole URLs.)"""
     fn = embed_fn(allowing(settings, server))
     with caplog.at_level(logging.INFO):
         assert np.array_equal(fn(signed(server, "/missing.mp4")), vu.zero_embedding())
