@@ -2,24 +2,29 @@
 
     video-embeddings index SOURCE... --db DIR [--table videos] [--build-index]
                            [--retry-zeros] [--cluster NAME [--manifest NAME]] [--json]
+                           [--verbose]
     video-embeddings search (QUERY | --row N) --db DIR [--table videos] [-k 10]
                             [--aggregate mean|max|weighted|segment|none]
-                            [--sheet out.png|out.html] [--json]
+                            [--sheet out.png|out.html] [--json] [--verbose]
 
-``main`` parses the arguments, configures logging (to stderr), calls one function of
-``video_embeddings_table`` and prints its result to stdout. That module is imported only
-once the arguments are parsed, so ``--help`` and usage errors answer at once.
+``main`` parses the arguments, sets up the process's output (``_quiet`` unless
+``--verbose``), calls one function of ``video_embeddings_table`` and prints its result to
+stdout. That module is imported only once the arguments are parsed, so ``--help`` and usage
+errors answer at once, and so that the environment ``_quiet`` sets is in place before the
+libraries that read it (and the Ray processes that inherit it) start.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from video_embeddings_table import IndexSummary, SearchResult
@@ -27,6 +32,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 AGGREGATIONS = ("mean", "max", "weighted", "segment", "none")
+
+OWN_LOGGERS = (
+    "video_embeddings",
+    "video_embeddings_cli",
+    "video_embeddings_sheet",
+    "video_embeddings_table",
+    "video_embeddings_udf",
+)
+"""The package's loggers: the only ones that reach stderr below ERROR without --verbose."""
+
+QUIET_ENV = {
+    "TQDM_DISABLE": "1",  # Geneva's progress bars (tqdm reads TQDM_* when imported)
+    "LANCE_LOG": "error",  # lance's Rust log, e.g. "DataReplacement ... not stable yet"
+    "HF_HUB_VERBOSITY": "error",  # these two libraries log through their own handlers
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+"""Set (unless already set) before the libraries are imported and Ray starts, so that the
+Ray processes, which inherit the environment, are as quiet as this one."""
 
 
 def _sheet_path(value: str) -> Path:
@@ -69,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         help="embed again the rows that hold the zero tensor (after a fix or a new FFmpeg)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_verbose(p)
 
     s = commands.add_parser(
         "search",
@@ -91,7 +115,58 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--sheet", type=_sheet_path, help="write a contact sheet (.png or .html)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_verbose(s)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log what the libraries report (Geneva, Ray, its workers, lance)",
+    )
+
+
+def _setup_output(verbose: bool) -> None:
+    """Logs go to stderr, one line each. With ``verbose`` every library logs at INFO and
+    Ray forwards its workers' output; without it, only this package's loggers log below
+    ERROR (progress, outcome) and the libraries' notices are silenced (``_quiet``)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for name in (*OWN_LOGGERS, __name__):  # __main__ when run as a script
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not verbose:
+        _quiet()
+
+
+def _quiet() -> None:
+    """Silence what a user of the command cannot act on: Python warnings become log
+    records of ``py.warnings`` (below ERROR, so dropped), libraries read ``QUIET_ENV``,
+    and Ray starts without forwarding its workers' output to this process's stdout and
+    stderr (the Geneva traceback of a completion-marker commit, lance's Rust warnings,
+    the UDF's per-row lines, whose reasons the summary lists) and with its own logger
+    at ERROR (its token-auth notice, its "Started a local Ray instance" line).
+
+    Geneva's ``local_ray_context()`` passes ``log_to_driver=True`` to ``ray.init``, which
+    overrides Ray's ``RAY_LOG_TO_DRIVER`` environment variable, so the options are set
+    on ``ray.init`` itself, for whichever caller starts or joins Ray in this process."""
+    logging.captureWarnings(True)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+    import ray
+
+    init = ray.init
+
+    @functools.wraps(init)
+    def quiet_init(*args: Any, **kwargs: Any) -> Any:
+        return init(*args, **{**kwargs, "log_to_driver": False, "logging_level": logging.ERROR})
+
+    ray.init = quiet_init
 
 
 def _print_summary(summary: IndexSummary, db: str, table: str) -> None:
@@ -163,13 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "index" and args.manifest and not args.cluster:
         parser.error("--manifest needs --cluster")
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for name in (__name__, "video_embeddings_table"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    _setup_output(args.verbose)
 
     from video_embeddings_table import UserError
 

@@ -69,6 +69,7 @@ _SYSTEM_MESSAGES = (
     "can't allocate memory",
     "cannot allocate memory",
     "bad_alloc",
+    "can't start new thread",
     "cuda error",
     "cudnn",
     "cublas",

@@ -79,9 +79,13 @@ def _ray_node() -> str:
     return f" on Ray node {ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else ""
 
 
-def _decode_task(uri: str | None, rt: Runtime, settings: Settings, deadline: float) -> torch.Tensor:
+def _decode_task(
+    uri: str | None, rt: Runtime, settings: Settings, deadlines: dict[int, float], row: int
+) -> torch.Tensor:
     """One row's clip, ``(T, C, crop, crop)`` uint8 on the model's device, with storage
-    faults retried until ``deadline``."""
+    faults retried until the row's deadline, ``ROW_DEADLINE_S`` from now (noted in
+    ``deadlines`` for the waiting thread)."""
+    deadline = deadlines[row] = time.monotonic() + settings.row_deadline_s
     if uri is None:
         raise BadVideo("no video URL")
     on_device = functools.partial(shrink, p=rt.model.preprocessing, device=rt.model.device)
@@ -97,33 +101,45 @@ def _decoded(
 ) -> Iterator[tuple[int, torch.Tensor | BadVideo | ObjectFault]]:
     """Yield ``(row, clip or fault)`` as decodes finish. At most one window of decodes is
     running or waiting for the model, which bounds memory. A row still running
-    ``ROW_DEADLINE_S`` after it was submitted is given up as an ``ObjectFault``: its
+    ``ROW_DEADLINE_S`` after its decode started is given up as an ``ObjectFault``: its
     thread stops at its next read, and the call does not wait for it."""
     window = rt.engines.size + settings.embed_batch
     rows = iter(enumerate(uris))
-    running: dict[Future[torch.Tensor], tuple[int, float]] = {}
+    running: dict[Future[torch.Tensor], int] = {}
+    deadlines: dict[int, float] = {}
     try:
         while True:
             while len(running) < window and (item := next(rows, None)) is not None:
-                deadline = time.monotonic() + settings.row_deadline_s
-                future = rt.pool.submit(_decode_task, item[1], rt, settings, deadline)
-                running[future] = (item[0], deadline)
+                running[_submit(rt, item[1], settings, deadlines, item[0])] = item[0]
             if not running:
                 return
-            first = min(deadline for _, deadline in running.values())
-            done, _ = wait(
-                running, timeout=max(0.0, first - time.monotonic()), return_when=FIRST_COMPLETED
-            )
+            started = [deadlines[row] for row in running.values() if row in deadlines]
+            timeout = min(started) - time.monotonic() if started else _POLL_S
+            done, _ = wait(running, timeout=max(0.0, timeout), return_when=FIRST_COMPLETED)
             for future in done:
-                yield running.pop(future)[0], _clip_or_fault(future)
-            for future, (row, deadline) in list(running.items()):
-                if time.monotonic() >= deadline:
+                yield running.pop(future), _clip_or_fault(future)
+            for future, row in list(running.items()):
+                if row in deadlines and time.monotonic() >= deadlines[row]:
                     del running[future]
                     seconds = f"{settings.row_deadline_s:g} s"
                     yield row, ObjectFault(f"no result within ROW_DEADLINE_S ({seconds})")
     finally:
         for future in running:
             future.cancel()
+
+
+_POLL_S = 1.0
+"""How often the waiting thread looks again when no running row has started yet."""
+
+
+def _submit(
+    rt: Runtime, uri: str | None, settings: Settings, deadlines: dict[int, float], row: int
+) -> Future[torch.Tensor]:
+    """Queue one row's decode; a decode thread that cannot start is a system fault."""
+    try:
+        return rt.pool.submit(_decode_task, uri, rt, settings, deadlines, row)
+    except RuntimeError as e:  # "can't start new thread": the host is out of memory
+        raise SystemFault(f"cannot start a decode thread: {e}") from e
 
 
 def _clip_or_fault(future: Future[torch.Tensor]) -> torch.Tensor | BadVideo | ObjectFault:
