@@ -164,11 +164,11 @@ def _check_db(path: str, *, for_search: bool) -> None:
 
 
 def _stored_settings(ds: lance.LanceDataset) -> Settings | None:
+    """The table's output-defining settings, with this process's runtime knobs."""
     raw = (ds.schema.metadata or {}).get(SETTINGS_KEY.encode())
     if raw is None:
         return None
-    names = {f.name for f in dataclasses.fields(Settings)}
-    return Settings(**{k: v for k, v in json.loads(raw).items() if k in names})
+    return Settings.from_output_defining(json.loads(raw))
 
 
 def _table_schema(settings: Settings) -> pa.Schema:
@@ -176,7 +176,7 @@ def _table_schema(settings: Settings) -> pa.Schema:
     that search embeds a query exactly as the table's videos were."""
     return pa.schema(
         [(settings.video_uri_col, pa.string()), ("size_bytes", pa.int64())],
-        metadata={SETTINGS_KEY: json.dumps(dataclasses.asdict(settings))},
+        metadata={SETTINGS_KEY: json.dumps(settings.output_defining())},
     )
 
 

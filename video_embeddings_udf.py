@@ -39,6 +39,7 @@ from video_embeddings.preprocess import Preprocessing, preprocess, shrink
 from video_embeddings.rows import EMBEDDING_TYPE, to_arrow, zero_embedding
 from video_embeddings.settings import EMBEDDING_DIM, Settings
 from video_embeddings.urls import check_uri, redact, resolve_uri
+from video_embeddings.version import PIPELINE_VERSION, udf_version
 
 if TYPE_CHECKING:
     from geneva.table import Table
@@ -150,11 +151,15 @@ class VideoEmbedding:
         return [None if v is None else resolve_uri(v, base_path=base) for v in column.to_pylist()]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle the settings only: a loaded model never travels with the UDF."""
-        return {"settings": self.settings}
+        """Pickle the output-defining settings and the pipeline's version only: a loaded
+        model never travels with the UDF, and the runtime knobs are the worker's own.
+        Geneva's automatic version hashes this state."""
+        return {"settings": self.settings.output_defining(), "pipeline": PIPELINE_VERSION}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["settings"])  # type: ignore[misc]
+        """On a worker: the column's settings, with the runtime knobs of this worker's
+        environment (``RUNTIME_KNOBS``)."""
+        self.__init__(Settings.from_output_defining(state["settings"]))  # type: ignore[misc]
 
 
 # ``@udf`` leaves a wrapper function at the class's name. Pointing the class's qualified name
@@ -165,9 +170,12 @@ VideoEmbedding.__wrapped__.__qualname__ = "VideoEmbedding.__wrapped__"  # type: 
 
 
 def embedding_column(settings: Settings | None = None) -> dict[str, tuple[UDF, list[str]]]:
-    """The ``add_columns`` spec for the embedding column, reading ``VIDEO_URI_COL``."""
+    """The ``add_columns`` spec for the embedding column, reading ``VIDEO_URI_COL``, with
+    the UDF's version set explicitly to ``udf_version(settings)``."""
     settings = settings or Settings.from_env()
-    return {settings.embedding_col: (VideoEmbedding(settings), [settings.video_uri_col])}
+    embedding = VideoEmbedding(settings)
+    embedding.version = udf_version(settings)  # type: ignore[attr-defined]
+    return {settings.embedding_col: (embedding, [settings.video_uri_col])}
 
 
 def failed_rows(tbl: Table, column: str) -> list[int]:

@@ -3,6 +3,7 @@ one place that reads it), and the fixed sizes the other modules share."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ __all__ = [
     "DecodeDevice",
     "Dtype",
     "Output",
+    "RUNTIME_KNOBS",
     "Settings",
     "granted_cpus",
 ]
@@ -49,6 +51,19 @@ DEFAULT_MAX_VIDEO_BYTES = 4 * 1024**3
 DEFAULT_ROW_DEADLINE_S = 300.0
 """Seconds one row may take from the start of its read to its decoded frames, retries
 included: reading a 4 GiB object at 50 MB/s takes about 90 s."""
+
+RUNTIME_KNOBS = (
+    "block_size",
+    "decode_device",
+    "decode_workers",
+    "embed_batch",
+    "compile",
+    "row_deadline_s",
+)
+"""Settings that change how fast a worker runs, never its rows: read on the worker from
+its own environment when it loads (``with_runtime_knobs``), so they can be retuned for a
+pod without adding the column again. Every other setting defines the output and is
+frozen into the column at ``add_columns``."""
 
 Dtype = Literal["float32", "bfloat16"]
 Output = Literal["frames", "tokens"]
@@ -106,6 +121,28 @@ class Settings:
         _check_choice("VJEPA_DTYPE", self.dtype, Dtype, optional=True)
         _check_choice("EMBEDDING_OUTPUT", self.output, Output)
         _check_choice("VIDEO_DECODE_DEVICE", self.decode_device, DecodeDevice)
+
+    def output_defining(self) -> dict[str, Any]:
+        """The settings that define the rows (every field but ``RUNTIME_KNOBS``), as
+        JSON-ready values: what the column freezes and the UDF's version hashes."""
+        fields = dataclasses.asdict(self)
+        return {k: v for k, v in fields.items() if k not in RUNTIME_KNOBS}
+
+    def with_runtime_knobs(self, environ: Mapping[str, str] | None = None) -> Settings:
+        """These output-defining settings with the ``RUNTIME_KNOBS`` of the environment
+        (this process's by default)."""
+        env = Settings.from_env(environ)
+        return dataclasses.replace(self, **{k: getattr(env, k) for k in RUNTIME_KNOBS})
+
+    @classmethod
+    def from_output_defining(cls, values: Mapping[str, Any]) -> Settings:
+        """Settings from ``output_defining()``'s values (unknown keys ignored), with the
+        runtime knobs of this process's environment."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_KNOBS)
+        known = {k: v for k, v in values.items() if k in names}
+        if "allowed_uri_prefixes" in known:
+            known["allowed_uri_prefixes"] = tuple(known["allowed_uri_prefixes"])
+        return cls(**known).with_runtime_knobs()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

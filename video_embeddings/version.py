@@ -1,0 +1,57 @@
+"""The UDF's version: what Geneva keys its checkpoints by, so that a column never mixes
+rows computed by different code or settings.
+
+It is ``PIPELINE_VERSION`` plus a hash of the output-defining settings (model, frames,
+output mode, dtype, the limits and URL policy that decide a zero tensor). The runtime
+knobs are not in it. ``PIPELINE_CODE_SHA256`` records a hash of the code that turns a
+video into its rows; a test fails when that code changes and the constants do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+
+from video_embeddings import decode, model, preprocess, rows
+from video_embeddings.settings import Settings
+
+__all__ = ["PIPELINE_CODE_SHA256", "PIPELINE_VERSION", "pipeline_code_sha256", "udf_version"]
+
+PIPELINE_VERSION = 2
+"""Bump it, and update ``PIPELINE_CODE_SHA256``, whenever the rows a video gets change:
+sampling, decoding, preprocessing, the model call or the pooling."""
+
+PIPELINE_CODE_SHA256 = "2a4aca03200fbc910377f620afc8068132cdf8e88cc6f3ba43246c07886d0002"
+"""``pipeline_code_sha256()`` when ``PIPELINE_VERSION`` was last set."""
+
+_OUTPUT_CODE = (
+    decode.sample_indices,
+    decode._new_decoder,
+    decode._frames_in_chunks,
+    decode.decode_frames,
+    preprocess.Preprocessing.from_processor,
+    preprocess._resized_shape,
+    preprocess.shrink,
+    preprocess.preprocess,
+    model.load_model,
+    model.embed,
+    model.pool_to_frames,
+    model.embed_clips,
+    rows.zero_embedding,
+)
+"""The functions whose code decides a video's rows."""
+
+
+def pipeline_code_sha256() -> str:
+    """SHA-256 of the source of ``_OUTPUT_CODE``, in order."""
+    digest = hashlib.sha256()
+    for function in _OUTPUT_CODE:
+        digest.update(inspect.getsource(function).encode())
+    return digest.hexdigest()
+
+
+def udf_version(settings: Settings) -> str:
+    """``v<PIPELINE_VERSION>-<12 hex digits of the output-defining settings' SHA-256>``."""
+    values = json.dumps(settings.output_defining(), sort_keys=True)
+    return f"v{PIPELINE_VERSION}-{hashlib.sha256(values.encode()).hexdigest()[:12]}"
