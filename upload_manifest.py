@@ -6,7 +6,8 @@
 The manifest (``--manifest-name``, default ``video-embeddings-v1``) is what
 ``conn.context(cluster=..., manifest=...)`` installs on the Ray workers: a conda
 environment with the Python of ``.python-version``, ``ffmpeg<8`` for torchcodec and, through
-pip, the project's dependencies at their ``uv.lock`` versions; and a zip holding
+pip, every package of ``uv.lock`` that the project needs at run time, each at its locked
+version (what ``uv export --frozen --no-dev --no-emit-project`` lists); and a zip holding
 ``video_embeddings_udf.py`` and the ``video_embeddings`` package it imports, so that workers
 can unpickle ``VideoEmbedding``. The column named by ``VIDEO_EMBEDDING_COL`` is then added
 to the table ``GENEVA_TABLE_NAME``, unless it is already there. Nothing is backfilled.
@@ -14,6 +15,8 @@ to the table ``GENEVA_TABLE_NAME``, unless it is already there. Nothing is backf
 ``--preinstalled`` is for a Ray cluster whose nodes already have FFmpeg and these packages
 (one started with ``ray start`` from this environment, say): the manifest installs nothing
 and ships the zip alone; ``existing_cluster`` defines such a cluster for Geneva.
+``--nvdec`` swaps PyPI's torchcodec, which decodes on the CPU only, for its CUDA build
+from PyTorch's package index, so that GPU workers decode on NVDEC.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ ZIP_CONTENTS = f"{UDF_MODULE.name} and the {UDF_PACKAGE.name}/ package"
 CONDA_CHANNELS = ["conda-forge"]
 FFMPEG = "ffmpeg<8"
 """torchcodec 0.8 loads the shared libraries of FFmpeg 4 to 7."""
+PYPI = "https://pypi.org/simple"
+PYTORCH_CUDA = "cu128"
+"""The CUDA of PyPI's torch 2.9.0 Linux wheels (CUDA 12.8: ``nvidia-cuda-runtime-cu12``
+12.8), and so the label of the torchcodec build that matches them."""
+PYTORCH_INDEX = f"https://download.pytorch.org/whl/{PYTORCH_CUDA}"
+"""PyTorch's package index of that CUDA, which has torchcodec's CUDA builds."""
 CPUS_PER_GPU = 8
 """CPUs for decoding next to each GPU, for ``gpu_cluster``."""
 MEMORY_GIB_PER_GPU = 16
@@ -69,49 +78,147 @@ class SetupError(Exception):
 
 
 def locked_requirements(project_dir: Path = PROJECT_DIR) -> list[str]:
-    """The project's dependencies as ``uv.lock`` records them (``uv sync --locked`` keeps
-    them equal to ``[project].dependencies``), each pinned to its locked version. Read
-    when called: the lock is the one list; there is no second one to keep in step."""
+    """Every package of ``uv.lock`` that the project needs at run time, pinned to its
+    locked version, in the form ``uv export --frozen --no-dev --no-emit-project
+    --no-hashes`` gives: ``name==version``, with an environment marker where the lock
+    needs the package only on some platforms (pip skips it elsewhere). The dev group is
+    left out. Read when called: the lock is the one list; there is no second one to keep
+    in step. Read with ``tomllib`` rather than by running ``uv export``, so that building
+    the manifest needs no ``uv`` on the path; the tests compare the two."""
     name = tomllib.loads((project_dir / "pyproject.toml").read_text())["project"]["name"]
-    packages = tomllib.loads((project_dir / "uv.lock").read_text())["package"]
-    versions = {p["name"]: p["version"] for p in packages if "version" in p}
-    project = next(p for p in packages if p["name"] == name)
+    packages = {
+        p["name"]: p for p in tomllib.loads((project_dir / "uv.lock").read_text())["package"]
+    }
+    markers = _reachable(packages, name)
     requirements = []
-    for dep in project.get("dependencies", []):
-        extras = f"[{','.join(dep['extra'])}]" if dep.get("extra") else ""
-        marker = f"; {dep['marker']}" if dep.get("marker") else ""
-        requirements.append(f"{dep['name']}{extras}=={versions[dep['name']]}{marker}")
+    for package in sorted(markers):
+        if package == name:
+            continue
+        locked = packages[package]
+        if locked.get("source", {}).get("registry") != PYPI:
+            raise SetupError(
+                f"uv.lock takes {package} from {locked.get('source')}, not PyPI: "
+                "the manifest pins PyPI packages only"
+            )
+        marker = _marker(markers[package])
+        requirements.append(f"{package}=={locked['version']}" + (f" ; {marker}" if marker else ""))
     return requirements
 
 
-def conda_environment(project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+Conjunction = frozenset[str]
+"""The markers of the dependency edges along one path from the project: all must hold."""
+
+
+def _reachable(packages: dict[str, dict[str, Any]], root: str) -> dict[str, set[Conjunction]]:
+    """For each package reachable from ``root`` through the lock's dependencies (and the
+    optional dependencies of the extras asked for), the paths' conditions: the package is
+    needed where any of them holds. A condition implied by another (a superset of its
+    markers) is dropped; the empty one means always."""
+    reach: dict[tuple[str, str | None], set[Conjunction]] = {(root, None): {frozenset()}}
+    pending = [(root, None)]
+    while pending:
+        node = pending.pop()
+        package, extra = node
+        if extra is None:
+            edges = packages[package].get("dependencies", [])
+        else:
+            edges = packages[package].get("optional-dependencies", {}).get(extra, [])
+        for edge in edges:
+            step = {edge["marker"]} if edge.get("marker") else set()
+            for target in [
+                (edge["name"], None),
+                *((edge["name"], e) for e in edge.get("extra", [])),
+            ]:
+                known = reach.setdefault(target, set())
+                grew = False
+                for path in list(reach[node]):
+                    condition = path | step
+                    if any(c <= condition for c in known):
+                        continue
+                    known.difference_update({c for c in known if condition <= c})
+                    known.add(condition)
+                    grew = True
+                if grew:
+                    pending.append(target)
+    by_package: dict[str, set[Conjunction]] = {}
+    for (package, _), conditions in reach.items():
+        known = by_package.setdefault(package, set())
+        for condition in conditions:
+            if not any(c <= condition for c in known):
+                known.difference_update({c for c in known if condition <= c})
+                known.add(condition)
+    return by_package
+
+
+def _marker(conditions: set[Conjunction]) -> str:
+    """The PEP 508 marker of the union of ``conditions``; empty when one always holds."""
+    if frozenset() in conditions:
+        return ""
+
+    def conjunction(condition: Conjunction) -> str:
+        atoms = sorted(condition)
+        if len(atoms) == 1:
+            return atoms[0]
+        return " and ".join(f"({a})" if " or " in a else a for a in atoms)
+
+    terms = sorted(conjunction(c) for c in conditions)
+    if len(terms) == 1:
+        return terms[0]
+    return " or ".join(f"({t})" if " and " in t or " or " in t else t for t in terms)
+
+
+def nvdec_requirements(requirements: list[str]) -> list[str]:
+    """``requirements`` with PyPI's torchcodec, which decodes on the CPU only, replaced by
+    its CUDA build of the same version from PyTorch's index, and that index added. Every
+    other pin becomes ``===``: with the index added, ``torch==2.9.0`` would also accept
+    the index's ``2.9.0+cu128``, a local version that pip ranks above PyPI's build."""
+    pins = []
+    for requirement in requirements:
+        pin, sep, marker = requirement.partition(" ; ")
+        package, version = pin.split("==")
+        if package == "torchcodec":
+            pin = f"torchcodec=={version}+{PYTORCH_CUDA}"
+        else:
+            pin = f"{package}==={version}"
+        pins.append(pin + sep + marker)
+    if not any(p.startswith("torchcodec==") for p in pins):
+        raise SetupError("uv.lock has no torchcodec to replace with its CUDA build")
+    return [f"--extra-index-url {PYTORCH_INDEX}", *pins]
+
+
+def conda_environment(project_dir: Path = PROJECT_DIR, *, nvdec: bool = False) -> dict[str, Any]:
     """A Ray runtime environment takes pip or conda, not both; FFmpeg is not on PyPI, so
-    the environment is conda with the pip packages nested in it."""
+    the environment is conda with the pip packages nested in it. ``nvdec`` installs
+    torchcodec's CUDA build (``nvdec_requirements``)."""
     python = (project_dir / ".python-version").read_text().strip()
+    pip = locked_requirements(project_dir)
     return {
         "channels": CONDA_CHANNELS,
         "dependencies": [
             f"python={python}",
             FFMPEG,
             "pip",
-            {"pip": locked_requirements(project_dir)},
+            {"pip": nvdec_requirements(pip) if nvdec else pip},
         ],
     }
 
 
 def build_manifest(
-    name: str, *, image: str | None = None, preinstalled: bool = False
+    name: str, *, image: str | None = None, preinstalled: bool = False, nvdec: bool = False
 ) -> GenevaManifest:
-    """The conda manifest; with ``image``, one that runs head and workers on that image
-    (FFmpeg and the Python stack baked in) with no conda environment; ``preinstalled``,
-    one that installs nothing, for nodes that have everything already."""
+    """The conda manifest, with torchcodec's CUDA build if ``nvdec``; with ``image``, one
+    that runs head and workers on that image (FFmpeg and the Python stack baked in) with
+    no conda environment; ``preinstalled``, one that installs nothing, for nodes that
+    have everything already. ``nvdec`` goes with neither."""
     from geneva.manifest import GenevaManifest
 
+    if nvdec and (image or preinstalled):
+        raise ValueError("nvdec changes the conda environment, which image and preinstalled lack")
     if image:
         return GenevaManifest.create_pip(name).head_image(image).worker_image(image).build()
     if preinstalled:
         return GenevaManifest.create_pip(name).build()
-    return GenevaManifest.create_conda(name).conda(conda_environment()).build()
+    return GenevaManifest.create_conda(name).conda(conda_environment(nvdec=nvdec)).build()
 
 
 @contextlib.contextmanager
@@ -215,6 +322,7 @@ class Request:
     manifest_name: str
     image: str | None
     preinstalled: bool
+    nvdec: bool
     dry_run: bool
     zip_output_dir: Path | None
     """Where a dry run writes the zip; None writes none."""
@@ -226,7 +334,8 @@ def describe(manifest: GenevaManifest, zips: list[Path]) -> list[str]:
         *conda, pip = manifest.conda["dependencies"]
         channels = ", ".join(manifest.conda["channels"])
         lines = [f"  conda environment ({channels}): {', '.join(conda)}"]
-        lines.append("  pip packages, at their uv.lock versions:")
+        packages = [r for r in pip["pip"] if not r.startswith("-")]
+        lines.append(f"  pip: {len(packages)} packages, each at its uv.lock version")
         lines += [f"    {requirement}" for requirement in pip["pip"]]
     elif manifest.worker_image:
         lines = [f"  image of the head and the workers: {manifest.worker_image} (no conda)"]
@@ -241,7 +350,10 @@ def run(request: Request, settings: vu.Settings) -> None:
     conn = connect(request.bucket)
     tbl = open_table(conn, request.table, settings)
     manifest = build_manifest(
-        request.manifest_name, image=request.image, preinstalled=request.preinstalled
+        request.manifest_name,
+        image=request.image,
+        preinstalled=request.preinstalled,
+        nvdec=request.nvdec,
     )
     column, has_column = settings.embedding_col, settings.embedding_col in tbl.schema.names
     exists = f"table {request.table!r} already has column {column!r}"
@@ -345,6 +457,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the manifest installs nothing (see existing_cluster)",
     )
     parser.add_argument(
+        "--nvdec",
+        action="store_true",
+        help=f"install torchcodec's CUDA build from PyTorch's index ({PYTORCH_INDEX}) "
+        "instead of PyPI's, which decodes on the CPU only, so GPU workers decode on NVDEC",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="check the bucket and the table, print what would be uploaded and added, "
@@ -365,10 +483,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="log each step, Geneva's included")
     args = parser.parse_args(argv)
     if args.generate_zip and not args.dry_run:
-        parser.error("--generate-zip only applies with --dry-run")
+        _refuse("--generate-zip only applies with --dry-run")
     if args.preinstalled and args.image:
-        parser.error("--preinstalled and --image are two different clusters: pick one")
+        _refuse("--preinstalled and --image are two different clusters: pick one")
+    if args.nvdec and args.preinstalled:
+        _refuse(
+            "--nvdec and --preinstalled: a preinstalled manifest installs nothing; "
+            "install torchcodec's CUDA build on the nodes instead"
+        )
+    if args.nvdec and args.image:
+        _refuse(
+            "--nvdec and --image: an image manifest has no conda environment to add "
+            "torchcodec's CUDA build to; bake it into the image instead"
+        )
     return args
+
+
+def _refuse(message: str) -> None:
+    """Options that do not go together: one line on stderr, exit status 2 (argparse's)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -396,6 +530,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             manifest_name=args.manifest_name,
             image=args.image,
             preinstalled=args.preinstalled,
+            nvdec=args.nvdec,
             dry_run=args.dry_run,
             zip_output_dir=args.zip_output_dir if args.generate_zip else None,
         )

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-from geneva import udf
 
 from video_embeddings.settings import granted_cpus
 from video_embeddings_sheet import Undecodable, draw_sheet, read_thumbnails
@@ -42,6 +41,8 @@ from video_embeddings_udf import (
     decode_frames,
     embedding_column,
     failed_rows,
+    matrices,
+    mean_vector_udf,
     retry_failed,
     rows_filter,
 )
@@ -84,7 +85,6 @@ SETTINGS_KEY = "video_embeddings.settings"
 MEAN_SUFFIX = "_mean"
 """The mean-vector column is the embedding column's name plus this suffix."""
 
-VECTOR_TYPE = pa.list_(pa.float32(), EMBEDDING_DIM)
 PROGRESS_INTERVAL_S = 2.0
 PROGRESS_QUIET_S = 30.0
 
@@ -178,29 +178,6 @@ def _table_schema(settings: Settings) -> pa.Schema:
         [(settings.video_uri_col, pa.string()), ("size_bytes", pa.int64())],
         metadata={SETTINGS_KEY: json.dumps(settings.output_defining())},
     )
-
-
-def _mean_vector(video_embedding: pa.Array) -> pa.Array:
-    """Geneva batch UDF body: each video's ``aggregate_mean`` vector, the zero vector for
-    the zero tensor of a video that could not be processed, NULL for a NULL embedding."""
-    valid = video_embedding.is_valid().to_pylist()
-    means = [
-        aggregate_mean(m) if ok else None
-        for m, ok in zip(_matrices(video_embedding), valid, strict=True)
-    ]
-    return pa.array(means, type=VECTOR_TYPE)
-
-
-MEAN_VECTOR = udf(data_type=VECTOR_TYPE, num_cpus=1)(_mean_vector)
-"""The mean-vector column's UDF: cheap, so the CPU suffices wherever the job runs."""
-
-
-def _matrices(column: pa.Array) -> list[np.ndarray]:
-    """A ``list<fixed_size_list<float32, 1024>>`` column → one ``(rows, 1024)`` float32
-    matrix per value (no rows for a NULL), sharing the column's memory."""
-    offsets = column.offsets.to_numpy()  # into column.values, which keeps a NULL's slot
-    values = column.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
-    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def _uris(ds: lance.LanceDataset, column: str, where: str | None = None) -> list[str]:
@@ -443,6 +420,8 @@ def index(
             f"no videos found under {' '.join(sources)} (looked for "
             f"{', '.join(VIDEO_EXTENSIONS)}; skipped {found.skipped} other files)"
         )
+    if cluster is not None:
+        _refuse_local_sources(found.videos)
     _check_db(db_path, for_search=False)
     tbl = _existing_table(db_path, table)
     stored = _stored_settings(tbl.to_lance()) if tbl is not None else None
@@ -463,7 +442,7 @@ def index(
     if emb_col not in tbl.schema.names:
         tbl.add_columns(embedding_column(settings))
     if mean_col not in tbl.schema.names:
-        tbl.add_columns({mean_col: (MEAN_VECTOR, [emb_col])})
+        tbl.add_columns({mean_col: (mean_vector_udf(), [emb_col])})
     with _run_on(db, cluster, manifest):
         options = {} if cluster else _local_resources()
         if pending:
@@ -497,6 +476,18 @@ def index(
         ann_index=_has_ann_index(ds, mean_col),  # create_index updates ds
         seconds=time.monotonic() - start,
     )
+
+
+def _refuse_local_sources(videos: dict[str, int]) -> None:
+    """A cluster's workers read each video themselves: a path on this machine would be
+    missing there, and every row would get the zero tensor."""
+    local = [uri for uri in videos if "://" not in uri or uri.startswith("file://")]
+    if local:
+        raise UserError(
+            f"--cluster cannot read local files ({len(local)} found, e.g. {local[0]}): the "
+            "cluster's workers do not see this machine's disk. Copy the videos to object "
+            "storage (gs://, s3://) and index that prefix, or index without --cluster"
+        )
 
 
 def _fill_means(
@@ -635,7 +626,7 @@ def _embed_query(uri: str, settings: Settings) -> np.ndarray:
     place this module calls the UDF."""
     udf_instance = VideoEmbedding(settings).func  # type: ignore[attr-defined]
     column = udf_instance(pa.array([uri], pa.string()))  # a Geneva batch of one row
-    return _matrices(column)[0]
+    return matrices(column)[0]
 
 
 def _query_settings(ds: lance.LanceDataset) -> Settings:
@@ -660,7 +651,7 @@ def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tup
     uri = value[settings.video_uri_col][0].as_py()
     if not value[settings.embedding_col].is_valid()[0].as_py():
         raise UserError(f"row {row} ({uri}) has no embedding yet; run video-embeddings index")
-    matrix = _matrices(value[settings.embedding_col].combine_chunks())[0]
+    matrix = matrices(value[settings.embedding_col].combine_chunks())[0]
     if not matrix.any():
         raise UserError(f"row {row} ({uri}) could not be embedded (it has the zero tensor)")
     return uri, matrix
@@ -742,7 +733,7 @@ def search(
         uris = batch.column(settings.video_uri_col).to_pylist()
         rows = batch.column("_rowoffset").to_pylist()
         for u, r, matrix in zip(
-            uris, rows, _matrices(batch.column(settings.embedding_col)), strict=True
+            uris, rows, matrices(batch.column(settings.embedding_col)), strict=True
         ):
             if matrix.any():  # the zero tensor of a bad video is never a hit
                 scored.append((score(matrix), r, u))

@@ -36,7 +36,14 @@ from video_embeddings.model import embed, pool_to_frames
 from video_embeddings.outcomes import BadVideo, ObjectFault, OutageBudget, SystemFault
 from video_embeddings.pipeline import Runtime, embed_videos, load_runtime
 from video_embeddings.preprocess import Preprocessing, preprocess, shrink
-from video_embeddings.rows import EMBEDDING_TYPE, to_arrow, zero_embedding
+from video_embeddings.rows import (
+    EMBEDDING_TYPE,
+    VECTOR_TYPE,
+    matrices,
+    mean_vectors,
+    to_arrow,
+    zero_embedding,
+)
 from video_embeddings.settings import EMBEDDING_DIM, Settings
 from video_embeddings.urls import check_uri, redact, resolve_uri
 from video_embeddings.version import PIPELINE_VERSION, udf_version
@@ -65,6 +72,8 @@ __all__ = [
     "embed",
     "embedding_column",
     "failed_rows",
+    "matrices",
+    "mean_vector_udf",
     "pool_to_frames",
     "preprocess",
     "redact",
@@ -176,6 +185,13 @@ def embedding_column(settings: Settings | None = None) -> dict[str, tuple[UDF, l
     embedding = VideoEmbedding(settings)
     embedding.version = udf_version(settings)  # type: ignore[attr-defined]
     return {settings.embedding_col: (embedding, [settings.video_uri_col])}
+
+
+def mean_vector_udf() -> UDF:
+    """The mean-vector column's UDF, ``mean_vectors`` over the embedding column: cheap, so
+    one CPU suffices wherever the job runs. It lives in the package, so a worker that
+    has only the manifest's zip can unpickle it."""
+    return udf(data_type=VECTOR_TYPE, num_cpus=1)(mean_vectors)
 
 
 def failed_rows(tbl: Table, column: str) -> list[int]:
