@@ -95,10 +95,12 @@ def locked_requirements(project_dir: Path = PROJECT_DIR) -> list[str]:
         if package == name:
             continue
         locked = packages[package]
-        if locked.get("source", {}).get("registry") != PYPI:
+        source = locked.get("source", {})
+        if source.get("registry") != PYPI:
+            where = ", ".join(f"{k} {v}" for k, v in source.items())
             raise SetupError(
-                f"uv.lock takes {package} from {locked.get('source')}, not PyPI: "
-                "the manifest pins PyPI packages only"
+                f"uv.lock takes {package} from {where}, not PyPI: the manifest pins PyPI "
+                "packages by version only"
             )
         marker = _marker(markers[package])
         requirements.append(f"{package}=={locked['version']}" + (f" ; {marker}" if marker else ""))
@@ -335,7 +337,8 @@ def describe(manifest: GenevaManifest, zips: list[Path]) -> list[str]:
         channels = ", ".join(manifest.conda["channels"])
         lines = [f"  conda environment ({channels}): {', '.join(conda)}"]
         packages = [r for r in pip["pip"] if not r.startswith("-")]
-        lines.append(f"  pip: {len(packages)} packages, each at its uv.lock version")
+        cuda = " (torchcodec: its CUDA build)" if any(r.startswith("-") for r in pip["pip"]) else ""
+        lines.append(f"  pip: {len(packages)} packages, each at its uv.lock version{cuda}")
         lines += [f"    {requirement}" for requirement in pip["pip"]]
     elif manifest.worker_image:
         lines = [f"  image of the head and the workers: {manifest.worker_image} (no conda)"]

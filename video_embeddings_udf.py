@@ -140,11 +140,8 @@ class VideoEmbedding:
         """The Arrow column of the call, or the first ``ObjectFault`` raised for Geneva to
         isolate (the outcomes are kept for the halves it calls next)."""
         fault = next((o for o in outcomes if isinstance(o, ObjectFault)), None)
-        if fault is not None:
-            if len(keys) > 1:
-                self._isolating.update(zip(keys, outcomes, strict=True))
-            else:
-                self._isolating.pop(keys[0], None)
+        if fault is not None:  # Geneva calls even a failed row of one again, alone
+            self._isolating.update(zip(keys, outcomes, strict=True))
             raise fault
         for key in keys:
             self._isolating.pop(key, None)

@@ -381,8 +381,8 @@ def test_skip_budget_turns_a_storage_outage_into_a_system_fault(
     outage (9 object faults among a worker's last 16 rows): SystemFault, after one request
     of each URL's size and no retries. One such URL in a call of one is an ObjectFault, and
     so is one among 15 good clips, whose outcomes are kept so that Geneva's halving reads
-    nothing again; the same URL alone, called again and again, trips the budget on the
-    ninth call."""
+    nothing again; a failed row of one, called again alone as Geneva does, is not read
+    again; nine such rows, one call each, trip the budget."""
     server = loopback("forbid")
     s = allowing(settings, server, num_frames=16)
     forbidden = [f"{server.endpoint}/v{i}.mp4" for i in range(OUTAGE_WINDOW)]
@@ -403,7 +403,11 @@ def test_skip_budget_turns_a_storage_outage_into_a_system_fault(
         f"reading {forbidden[0]} failed after 1 attempt: ClientResponseError: 403, "
         "message='Forbidden'"
     )
-    assert one._isolating == {}
+    assert list(one._isolating) == [forbidden[0]]
+    asked = sum(server.requests.values())
+    with pytest.raises(ObjectFault) as again:  # Geneva calls a failed row alone again
+        one(pa.array([forbidden[0]], pa.string()))
+    assert again.value is single.value and sum(server.requests.values()) == asked
 
     good = [str(shutil.copy(clips["short"], tmp_path / f"good{i}.mp4")) for i in range(15)]
     mixed = vu.VideoEmbedding(s).func
@@ -424,8 +428,8 @@ def test_skip_budget_turns_a_storage_outage_into_a_system_fault(
         mixed(pa.array([forbidden[1]], pa.string()))
     assert sum(server.requests.values()) - before == asked  # nothing was read again
 
-    for _ in range(OUTAGE_FAULTS - 2):  # one fault is already counted
+    for uri in forbidden[2:OUTAGE_FAULTS]:  # one fault is already counted
         with pytest.raises(ObjectFault):
-            one(pa.array([forbidden[0]], pa.string()))
+            one(pa.array([uri], pa.string()))
     with pytest.raises(SystemFault, match=r"^storage outage: 9 of the last 16 objects"):
-        one(pa.array([forbidden[0]], pa.string()))
+        one(pa.array([forbidden[OUTAGE_FAULTS]], pa.string()))
