@@ -10,6 +10,7 @@ import importlib.metadata
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +27,7 @@ import pytest
 from conftest import moto_s3
 from kubernetes.config import kube_config
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 import upload_manifest
@@ -142,7 +144,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
     assert list(runs["work"].iterdir()) == []
     assert dry.stdout.startswith("dry run: nothing is written to the database\n")
     assert "  conda environment (conda-forge): python=3.11, ffmpeg<8, pip\n" in dry.stdout
+    count = len(upload_manifest.locked_requirements())
+    assert f"  pip: {count} packages, each at its uv.lock version\n" in dry.stdout
     assert "    torch==2.9.0\n" in dry.stdout
+    assert "    tokenizers==" in dry.stdout  # not a project dependency: the whole lock
     assert dry.stdout.endswith(
         "would add column 'video_embedding' to table 'videos': VideoEmbedding on 'video_uri'\n"
     )
@@ -160,7 +165,8 @@ def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
     runs: dict[str, Any],
 ) -> None:
     """The manifest row: conda-forge, Python from .python-version, ffmpeg<8, and a pip
-    list of every project dependency at its uv.lock version; its one zip, stored in the
+    list of every package of uv.lock the project needs, each at its locked version; its
+    one zip, stored in the
     database, holds video_embeddings_udf.py and the video_embeddings package byte for
     byte, and nothing else."""
     assert runs["first"].returncode == 0, runs["first"].stderr
@@ -272,45 +278,289 @@ def test_udf_unpickles_and_embeds_with_only_the_packaged_files(
     assert np.abs(rows).sum() > 0
 
 
-# --- the pip list: one source of truth --------------------------------------------------
+# --- the pip list: the whole lock -----------------------------------------------------
 
 
-def test_pip_list_is_every_project_dependency_at_its_locked_version() -> None:
-    """One entry per [project].dependencies entry, with its extras, pinned to the
-    uv.lock version, which satisfies pyproject's specifier and is the installed one."""
-    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    wanted = {
-        canonicalize_name(r.name): r for r in map(Requirement, pyproject["project"]["dependencies"])
-    }
-    pins = {
-        canonicalize_name(r.name): r
-        for r in map(Requirement, upload_manifest.locked_requirements())
-    }
-    assert pins.keys() == wanted.keys()
-    versions = locked_versions()
-    for name, pin in pins.items():
+ENVIRONMENTS = {
+    "linux-x86_64": {"sys_platform": "linux", "platform_machine": "x86_64"},
+    "linux-aarch64": {"sys_platform": "linux", "platform_machine": "aarch64"},
+    "macos-arm64": {"sys_platform": "darwin", "platform_machine": "arm64"},
+    "windows-amd64": {"sys_platform": "win32", "platform_machine": "AMD64", "os_name": "nt"},
+    "linux-pypy": {
+        "sys_platform": "linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "pypy",
+        "platform_python_implementation": "PyPy",
+    },
+    "emscripten": {"sys_platform": "emscripten", "platform_machine": "wasm32"},
+}
+"""Where the pip lists' markers are evaluated, all with Python 3.11."""
+
+
+def installed_in(requirements: list[str], environment: dict[str, str]) -> dict[str, str]:
+    """What pip installs from ``requirements`` in ``environment``: name to pinned version."""
+    env = {"python_version": "3.11", "python_full_version": "3.11.9", **environment}
+    pins = {}
+    for requirement in map(Requirement, requirements):
+        if requirement.marker is None or requirement.marker.evaluate(env):
+            [spec] = requirement.specifier
+            pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def uv_export() -> list[str]:
+    """``uv export --frozen --no-dev --no-emit-project --no-hashes`` of the project, its
+    requirement lines only."""
+    uv = shutil.which("uv") or os.environ.get("UV") or shutil.which("uv", path=sys.prefix + "/bin")
+    if uv is None:
+        pytest.skip("uv is not on PATH: there is no uv export to compare the pip list with")
+    done = subprocess.run(
+        [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [line for line in done.stdout.splitlines() if line and line[0] not in "# "]
+
+
+def test_pip_list_is_the_lock_export() -> None:
+    """The pip list pins what ``uv export --frozen --no-dev --no-emit-project`` lists,
+    torch's CUDA libraries, tokenizers and aiohttp among them: the same packages at the
+    same versions, each installed in exactly the environments where uv's marker says."""
+    pins = upload_manifest.locked_requirements()
+    export = uv_export()
+    assert [r.split(" ;")[0] for r in pins] == [r.split(" ;")[0] for r in export]
+    for name, environment in ENVIRONMENTS.items():
+        assert installed_in(pins, environment) == installed_in(export, environment), name
+    linux = installed_in(pins, ENVIRONMENTS["linux-x86_64"])
+    for package in ["huggingface-hub", "tokenizers", "aiohttp", "nvidia-cudnn-cu12", "triton"]:
+        assert package in linux
+    assert "nvidia-cudnn-cu12" not in installed_in(pins, ENVIRONMENTS["macos-arm64"])
+    assert "pytest" not in linux and "video-embeddings" not in linux  # no dev, no project
+
+
+def test_pip_list_pins_what_the_tests_run_with() -> None:
+    """Every package pinned for this platform is installed here at its pinned version,
+    the project's dependencies with pyproject's own pins among them."""
+    pins = [r for r in map(Requirement, upload_manifest.locked_requirements())]
+    here = [r for r in pins if r.marker is None or r.marker.evaluate()]
+    assert len(here) > 100
+    for pin in here:
         [spec] = pin.specifier
-        assert spec.operator == "==" and spec.version == versions[name]
-        assert pin.extras == wanted[name].extras
-        assert wanted[name].specifier.contains(spec.version)
-        assert importlib.metadata.version(name) == spec.version
+        assert spec.operator == "=="
+        assert importlib.metadata.version(pin.name) == spec.version, pin.name
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    direct = {canonicalize_name(Requirement(r).name) for r in pyproject["project"]["dependencies"]}
+    assert direct <= {canonicalize_name(p.name) for p in here}
     spec_pins = {"torch==2.9.0", "torchvision==0.24.0", "transformers==4.57.1"}
     spec_pins |= {"torchcodec==0.8.1", "geneva==0.17.0"}
     assert spec_pins <= set(upload_manifest.locked_requirements())
 
 
 def test_pip_list_is_read_from_the_lock_when_called(tmp_path: Path) -> None:
-    """A project whose uv.lock resolves numpy to another version gets that version:
-    the list is derived from the files, not kept by hand."""
+    """A project whose uv.lock resolves tokenizers (which no pyproject entry names) to
+    another version gets that version: the list is derived from the files, not kept by
+    hand."""
     (tmp_path / "pyproject.toml").write_text((PROJECT / "pyproject.toml").read_text())
-    numpy = locked_versions()["numpy"]
+    tokenizers = locked_versions()["tokenizers"]
     lock = (PROJECT / "uv.lock").read_text()
-    entry = f'name = "numpy"\nversion = "{numpy}"'
+    entry = f'name = "tokenizers"\nversion = "{tokenizers}"'
     assert entry in lock
-    (tmp_path / "uv.lock").write_text(lock.replace(entry, 'name = "numpy"\nversion = "1.0.0"'))
+    (tmp_path / "uv.lock").write_text(lock.replace(entry, 'name = "tokenizers"\nversion = "1.0.0"'))
     pins = upload_manifest.locked_requirements(tmp_path)
-    assert "numpy==1.0.0" in pins
-    assert f"numpy=={numpy}" not in pins
+    assert "tokenizers==1.0.0" in pins
+    assert f"tokenizers=={tokenizers}" not in pins
+
+
+LOCK = """
+version = 1
+requires-python = "==3.11.*"
+
+[[package]]
+name = "app"
+version = "0.1.0"
+source = { editable = "." }
+dependencies = [
+    { name = "a", marker = "sys_platform == 'linux'" },
+    { name = "b" },
+    { name = "d", extra = ["x"] },
+    { name = "e", marker = "sys_platform == 'win32'" },
+]
+
+[package.dev-dependencies]
+dev = [{ name = "f" }]
+
+[[package]]
+name = "a"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+dependencies = [{ name = "c" }, { name = "e" }]
+
+[[package]]
+name = "b"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+dependencies = [{ name = "c", marker = "sys_platform == 'darwin' or sys_platform == 'win32'" }]
+
+[[package]]
+name = "c"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+dependencies = [{ name = "a" }, { name = "g", marker = "platform_machine == 'x86_64'" }]
+
+[[package]]
+name = "d"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+
+[package.optional-dependencies]
+x = [{ name = "h" }]
+
+[[package]]
+name = "e"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "f"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "g"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "h"
+version = "1.0"
+source = { registry = "https://pypi.org/simple" }
+"""
+
+
+def test_markers_are_the_union_over_paths_and_the_dev_group_is_left_out(
+    tmp_path: Path,
+) -> None:
+    """A package reached along several paths is needed where any of them is: each path
+    needs every marker along it (through cycles too); one unconditional path drops the
+    marker; an extra's optional dependencies count; the dev group does not."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "app"\n')
+    (tmp_path / "uv.lock").write_text(LOCK)
+    linux, win, mac = (
+        "sys_platform == 'linux'",
+        "sys_platform == 'win32'",
+        "sys_platform == 'darwin'",
+    )
+    x86 = "platform_machine == 'x86_64'"
+    assert upload_manifest.locked_requirements(tmp_path) == [
+        # a: itself on Linux, or through c (b's) on macOS and Windows
+        f"a==1.0 ; ({mac} or {win}) or {linux}",
+        "b==1.0",
+        f"c==1.0 ; ({mac} or {win}) or {linux}",
+        "d==1.0",
+        f"e==1.0 ; ({mac} or {win}) or {linux} or {win}",
+        f"g==1.0 ; ({x86} and ({mac} or {win})) or ({x86} and {linux})",
+        "h==1.0",
+    ]
+
+
+def test_a_package_from_outside_pypi_is_refused(tmp_path: Path) -> None:
+    """A package the lock takes from git (or a path, or another index) cannot be pinned
+    by version from PyPI: refused with one line."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "app"\n')
+    git = 'source = { git = "https://example.com/d.git?rev=v1#abc" }'
+    lock = LOCK.replace(
+        'name = "d"\nversion = "1.0"\nsource = { registry = "https://pypi.org/simple" }',
+        f'name = "d"\nversion = "1.0"\n{git}',
+    )
+    assert lock != LOCK
+    (tmp_path / "uv.lock").write_text(lock)
+    with pytest.raises(upload_manifest.SetupError, match="uv.lock takes d from git https://"):
+        upload_manifest.locked_requirements(tmp_path)
+
+
+# --- --nvdec ----------------------------------------------------------------------------
+
+
+def test_nvdec_swaps_pypi_torchcodec_for_the_cuda_build() -> None:
+    """--nvdec's pip list adds PyTorch's cu128 index and pins torchcodec's CUDA build of
+    the locked version in place of PyPI's; every other package keeps its pin, written
+    ``===`` so that the index's torch 2.9.0+cu128 cannot stand in for PyPI's 2.9.0."""
+    plain = upload_manifest.conda_environment()
+    nvdec = upload_manifest.conda_environment(nvdec=True)
+    assert nvdec["dependencies"][:-1] == plain["dependencies"][:-1]
+    index, *pins = nvdec["dependencies"][-1]["pip"]
+    assert index == "--extra-index-url https://download.pytorch.org/whl/cu128"
+    locked = plain["dependencies"][-1]["pip"]
+    assert "torchcodec==0.8.1" in locked and "torchcodec==0.8.1" not in pins
+    assert "torchcodec==0.8.1+cu128" in pins
+    assert len(pins) == len(locked)
+    for pin, lock in zip(pins, locked, strict=True):
+        if pin.startswith("torchcodec"):
+            continue
+        assert pin == lock.replace("==", "===", 1)
+    assert "torch===2.9.0" in pins
+    [torch] = Requirement("torch===2.9.0").specifier
+    assert torch.contains("2.9.0") and not torch.contains("2.9.0+cu128")
+    assert SpecifierSet("==2.9.0").contains("2.9.0+cu128")  # why == will not do
+    for name, environment in ENVIRONMENTS.items():
+        cuda, cpu = installed_in(pins, environment), installed_in(locked, environment)
+        assert cuda.pop("torchcodec") == "0.8.1+cu128"
+        cpu.pop("torchcodec")
+        assert cuda == cpu, name
+
+
+def test_nvdec_manifest_is_stored_and_described(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = make_db(tmp_path / "db")
+    env = {"GENEVA_TABLE_NAME": "videos"}
+    assert upload_manifest.main(["--bucket", str(db), "--nvdec", "--dry-run"], env) == 0
+    out = capsys.readouterr().out
+    count = len(upload_manifest.locked_requirements())
+    header = f"  pip: {count} packages, each at its uv.lock version (torchcodec: its CUDA build)\n"
+    assert header in out
+    assert "    --extra-index-url https://download.pytorch.org/whl/cu128\n" in out
+    assert "    torchcodec==0.8.1+cu128\n" in out
+    assert "    torchcodec==0.8.1\n" not in out
+    assert geneva.connect(str(db)).list_manifests() == []
+    assert upload_manifest.main(["--bucket", str(db), "--nvdec"], env) == 0
+    [manifest] = geneva.connect(str(db)).list_manifests()
+    assert manifest.conda == upload_manifest.conda_environment(nvdec=True)
+
+
+REFUSED = {
+    "preinstalled-image": (
+        ["--preinstalled", "--image", "x:1"],
+        "--preinstalled and --image are two different clusters: pick one",
+    ),
+    "nvdec-preinstalled": (
+        ["--nvdec", "--preinstalled"],
+        "--nvdec and --preinstalled: a preinstalled manifest installs nothing; "
+        "install torchcodec's CUDA build on the nodes instead",
+    ),
+    "nvdec-image": (
+        ["--nvdec", "--image", "x:1"],
+        "--nvdec and --image: an image manifest has no conda environment to add "
+        "torchcodec's CUDA build to; bake it into the image instead",
+    ),
+    "generate-zip": (["--generate-zip"], "--generate-zip only applies with --dry-run"),
+}
+
+
+@pytest.mark.parametrize(("argv", "message"), REFUSED.values(), ids=REFUSED.keys())
+def test_options_that_do_not_go_together_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    db = make_db(tmp_path / "db")
+    before = snapshot(db)
+    with pytest.raises(SystemExit) as exit_:
+        upload_manifest.main(["--bucket", str(db), *argv], {"GENEVA_TABLE_NAME": "videos"})
+    assert exit_.value.code == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+    assert snapshot(db) == before
 
 
 # --- custom images, help --------------------------------------------------------------
@@ -331,8 +581,7 @@ def test_preinstalled_installs_nothing_and_ships_the_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--preinstalled stores a manifest with no conda, pip or image, and the zip of the
-    module and its package alone; it says so. With --image it is refused: they are two
-    kinds of cluster."""
+    module and its package alone; it says so."""
     db = make_db(tmp_path / "db")
     env = {"GENEVA_TABLE_NAME": "videos"}
     assert upload_manifest.main(["--bucket", str(db), "--preinstalled"], env) == 0
@@ -341,10 +590,6 @@ def test_preinstalled_installs_nothing_and_ships_the_code(
     assert (manifest.conda, manifest.pip) == ({}, [])
     assert manifest.head_image is None and manifest.worker_image is None
     assert zipped_names(manifest_zips(manifest)[0]) == list(packaged_files())
-    with pytest.raises(SystemExit) as exit_:
-        upload_manifest.main(["--bucket", str(db), "--preinstalled", "--image", "x:1"], env)
-    assert exit_.value.code == 2
-    assert "--preinstalled and --image" in capsys.readouterr().err
 
 
 def test_existing_cluster_definition_round_trips_without_pip_or_modules(tmp_path: Path) -> None:
@@ -368,9 +613,11 @@ def test_help_explains_every_option(
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     options = ["--bucket", "--manifest-name", "--dry-run", "--generate-zip", "--zip-output-dir"]
-    for option in [*options, "--verbose", "--image", "--preinstalled", "GENEVA_TABLE_NAME"]:
+    for option in [*options, "--verbose", "--image", "--preinstalled", "--nvdec"]:
         assert option in out
     assert "default: video-embeddings-v1" in out
+    assert "GENEVA_TABLE_NAME" in out
+    assert "https://download.pytorch.org/whl/cu128" in out
 
 
 # --- errors: one line, exit 1, nothing written ------------------------------------------
@@ -458,13 +705,6 @@ def test_unreachable_bucket_is_one_line(
     assert "NoSuchBucket" in err and err.count("\n") == 1
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     assert "missing" not in [b["Name"] for b in client.list_buckets()["Buckets"]]
-
-
-def test_generate_zip_needs_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        upload_manifest.main(["--bucket", "db", "--generate-zip"], {})
-    assert exit_.value.code == 2
-    assert "--generate-zip only applies with --dry-run" in capsys.readouterr().err
 
 
 # --- the cluster helper ----------------------------------------------------------------
