@@ -75,6 +75,7 @@ def test_blocks_are_fetched_once_each(gcs: CountingProxy, shared_videos: Path) -
     assert gcs.bytes_out == size
 
 
+@pytest.mark.slow
 def test_backfill_from_gcs_with_base_path(
     gcs: CountingProxy, settings: Settings, tmp_path: Path, local_ray: None
 ) -> None:

@@ -31,7 +31,13 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 import upload_manifest
-from video_embeddings_udf import EMBEDDING_TYPE, Settings, VideoEmbedding
+from video_embeddings_udf import (
+    EMBEDDING_TYPE,
+    Settings,
+    VideoEmbedding,
+    aggregate_mean,
+    mean_vector_udf,
+)
 
 PROJECT = Path(upload_manifest.__file__).resolve().parent
 MANIFEST = "video-embeddings-v1"
@@ -131,6 +137,7 @@ def runs(
     )
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
     runs: dict[str, Any],
 ) -> None:
@@ -161,6 +168,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing_to_the_database(
     assert zipped_names(written) == list(packaged_files())
 
 
+@pytest.mark.slow
 def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
     runs: dict[str, Any],
 ) -> None:
@@ -190,6 +198,7 @@ def test_manifest_row_holds_the_conda_environment_and_the_udf_module(
     assert f"defined manifest '{MANIFEST}' in {runs['db']}:\n" in runs["first"].stdout
 
 
+@pytest.mark.slow
 def test_column_is_added_once_with_its_type(runs: dict[str, Any]) -> None:
     """The first run adds the column as list<fixed_size_list<float32, 1024>>; the second
     says it is there and leaves the table at the same version, schema and UDF."""
@@ -238,18 +247,27 @@ import video_embeddings_udf
 print(video_embeddings.pipeline.__file__)
 print(video_embeddings_udf.__file__)
 uri = tbl.to_arrow()["video_uri"][0].as_py()
-np.save(out, np.array(udf(pa.record_batch({"video_uri": [uri]})).to_pylist()[0]))
+embedding = udf(pa.record_batch({"video_uri": [uri]}))
+mean = DockerUDFPackager().unmarshal(fetch_udf(tbl, "video_embedding_mean"))
+means = mean(pa.record_batch({"video_embedding": embedding}))
+np.save(out, np.array(embedding.to_pylist()[0]))
+np.save(out + ".mean.npy", np.array(means.to_pylist()[0]))
 """
 
 
+@pytest.mark.slow
 def test_udf_unpickles_and_embeds_with_only_the_packaged_files(
     runs: dict[str, Any], tiny_model_dir: Path, shared_videos: Path
 ) -> None:
     """In a fresh process whose path holds the unzipped package and the third-party
-    site-packages, without the project's editable install (no .pth processing), the
-    column's UDF unpickles from the table, imports the module and the video_embeddings
+    site-packages, without the project's editable install (no .pth processing), each
+    column's UDF (the embedding and the mean vector) unpickles from the table and runs; the
+    embedding's imports the module and the video_embeddings
     package from the unzipped files, loads the tiny checkpoint and embeds the shared clip
     as an in-process call does."""
+    tbl = geneva.connect(str(runs["db"])).open_table("videos")
+    if "video_embedding_mean" not in tbl.schema.names:  # the column index adds
+        tbl.add_columns({"video_embedding_mean": (mean_vector_udf(), ["video_embedding"])})
     [stored] = manifest_zips(geneva.connect(str(runs["db"])).list_manifests()[0])
     assert "video_embeddings/pipeline.py" in zipped_names(stored)
     package = runs["tmp"] / "package"
@@ -276,6 +294,8 @@ def test_udf_unpickles_and_embeds_with_only_the_packaged_files(
     expected = np.array(VideoEmbedding(settings)(batch).to_pylist()[0])
     np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)
     assert np.abs(rows).sum() > 0
+    mean = np.load(str(out) + ".mean.npy")
+    np.testing.assert_allclose(mean, aggregate_mean(rows), rtol=1e-5, atol=1e-6)
 
 
 # --- the pip list: the whole lock -----------------------------------------------------
