@@ -4,6 +4,7 @@ out of every log line and error message. Servers here listen on 127.0.0.1 only."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -12,13 +13,17 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import fsspec
 import numpy as np
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from conftest import embed_fn
 
 import video_embeddings.storage
+import video_embeddings.urls
 import video_embeddings_udf as vu
 from video_embeddings.outcomes import ObjectFault
 from video_embeddings.settings import DEFAULT_ALLOWED_URI_PREFIXES as DEFAULT
@@ -131,6 +136,56 @@ def test_explicit_prefixes_allow_exactly_what_they_name() -> None:
             check_uri(uri, prefixes)
 
 
+def test_prefixes_are_compared_by_scheme_host_port_and_path() -> None:
+    """An entry covers a URL by its parts, not by its text: the same scheme; the same host
+    (in any case) and port (the default one filled in); a path at or below the entry's, at
+    a '/' boundary. A longer host, a host after credentials, another port or a sibling
+    folder whose name starts the same are refused; local paths stop at a '/' too."""
+    prefixes = (
+        "https://cdn.example.com",
+        "https://media.example.com:443/videos",
+        "http://10.0.0.5:8080/clips/",
+        "gs://bucket/videos",
+        "/data/videos",
+    )
+    for uri in [
+        "https://cdn.example.com/a.mp4",
+        "https://cdn.example.com:443/a.mp4",
+        "https://CDN.Example.com/a.mp4",
+        "https://reader:password@cdn.example.com/a.mp4",
+        "https://cdn.example.com",
+        "https://media.example.com/videos",
+        "https://media.example.com/videos/a.mp4?X-Goog-Signature=abc",
+        "http://10.0.0.5:8080/clips/a.mp4",
+        "gs://bucket/videos/clip #1?.mp4",
+        "gs://bucket/videos",
+        "/data/videos/a.mp4",
+        "/data/videos",
+        "file:///data/videos/sub/a.mp4",
+    ]:
+        check_uri(uri, prefixes)
+    for uri in [
+        "https://cdn.example.com.evil.net/a.mp4",
+        "https://cdn.example.comm/a.mp4",
+        "https://cdn.example.com@evil.net/a.mp4",
+        "https://cdn.example.com:443@evil.net/a.mp4",
+        "https://cdn.example.com:8443/a.mp4",
+        "http://cdn.example.com/a.mp4",
+        "https://media.example.com/videos2/a.mp4",
+        "https://media.example.com/video",
+        "https://media.example.com/a.mp4?next=/videos/a.mp4",
+        "https://media.example.com:8443/videos/a.mp4",
+        "http://10.0.0.5/clips/a.mp4",
+        "http://10.0.0.5:8080/clipsX/a.mp4",
+        "gs://bucket/videos2/a.mp4",
+        "gs://bucket2/videos/a.mp4",
+        "/data/videos2/a.mp4",
+        "file:///data/videos.old/a.mp4",
+    ]:
+        with pytest.raises(BadVideo, match="matches no ALLOWED_URI_PREFIXES entry"):
+            check_uri(uri, prefixes)
+
+
 # --- no connection to a refused URL -----------------------------------------------------
 
 
@@ -200,6 +255,167 @@ def test_refused_url_gets_zero_tensor_one_log_line_and_no_connection(
     last_error = str(raised.value).split(" attempts: ", 1)[1].split(":")[0]
     assert issubclass(getattr(aiohttp, last_error), aiohttp.ClientConnectionError), last_error
     assert listener.connections >= video_embeddings.storage.RETRY_ATTEMPTS
+
+
+# --- names that do not resolve, and DNS rebinding ---------------------------------------
+
+REBIND = "rebind.test"
+"""The name the DNS stub answers for; ``.test`` names never resolve in real DNS."""
+
+
+class DnsStub:
+    """A loopback DNS stub, in process, in place of the system resolver
+    (``socket.getaddrinfo``, which both the URL check and the HTTP client's resolver ask).
+    It answers ``REBIND`` from ``answers``, one answer per lookup and the last one again
+    after that: an IPv4 address, or None for "no such name". Other names go to the real
+    resolver."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.answers: list[str | None] = []
+        self.lookups = 0
+        self._real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", self.getaddrinfo)
+
+    def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != REBIND:
+            return self._real(host, port, *args, **kwargs)
+        answer = self.answers[min(self.lookups, len(self.answers) - 1)]
+        self.lookups += 1
+        if answer is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answer, port))]
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> DnsStub:
+    return DnsStub(monkeypatch)
+
+
+def rebind_url(listener: Listener) -> str:
+    """A URL naming ``REBIND`` at the listener's port."""
+    return f"http://{REBIND}:{listener.endpoint.rsplit(':', 1)[1]}/video.mp4"
+
+
+def test_name_that_does_not_resolve_is_an_object_fault_and_never_connected(
+    settings: Settings, listener: Listener, dns: DnsStub, no_backoff: None
+) -> None:
+    """A name that does not resolve when it is checked leaves the row NULL (an object
+    fault, tried again by retry_failed), and is not looked up or connected to afterwards,
+    although it would now resolve to the listener on loopback."""
+    dns.answers = [None, "127.0.0.1"]
+    with pytest.raises(ObjectFault) as raised:
+        embed_fn(settings)(rebind_url(listener))
+    assert str(raised.value) == (f"host {REBIND} does not resolve (Name or service not known)")
+    assert (dns.lookups, listener.connections) == (1, 0)
+
+
+def test_dns_rebinding_is_refused_at_connect_time(
+    settings: Settings,
+    listener: Listener,
+    dns: DnsStub,
+    no_backoff: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A name that is public when checked and loopback when the HTTP client connects gets
+    the zero tensor and one log line saying so, and the listener at that loopback address
+    sees no connection."""
+    dns.answers = ["93.184.216.34", "127.0.0.1"]
+    uri = rebind_url(listener)
+    fn = embed_fn(settings)
+    fn.udf._ready()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
+        out = fn(uri)
+    assert np.array_equal(out, vu.zero_embedding())
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("video_embeddings")] == [
+        f"zero embedding for {uri}: URL not allowed: host {REBIND} resolved to 127.0.0.1 "
+        "(loopback) at connect time"
+    ]
+    assert dns.lookups >= 2 and listener.connections == 0
+
+
+def test_http_client_checks_the_address_it_connects_to(
+    listener: Listener, dns: DnsStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the URL check out of the way, the HTTP client itself refuses a loopback
+    answer (nothing connects); an entry that names the host and port lets it connect.
+    Each policy reaches the open it is given: fsspec keeps one filesystem per policy."""
+    monkeypatch.setattr(video_embeddings.storage, "check_uri", lambda uri, prefixes: None)
+    dns.answers = ["127.0.0.1"]
+    uri = rebind_url(listener)
+    with pytest.raises(BadVideo, match=f"host {REBIND} resolved to 127.0.0.1 .loopback."):
+        video_embeddings.storage.open_video(uri, block_size=1024, allowed_prefixes=DEFAULT)
+    assert listener.connections == 0
+
+    named = (*DEFAULT, uri.removesuffix("video.mp4"))
+    with pytest.raises(FileNotFoundError):  # the listener drops the connection
+        video_embeddings.storage.open_video(uri, block_size=1024, allowed_prefixes=named)
+    assert listener.connections >= 1
+
+    client = video_embeddings.storage.PolicyClient
+    assert fsspec.filesystem("http", get_client=client(DEFAULT)) is fsspec.filesystem(
+        "http", get_client=client(tuple(DEFAULT))
+    )
+    assert fsspec.filesystem("http", get_client=client(DEFAULT)) is not fsspec.filesystem(
+        "http", get_client=client(named)
+    )
+
+
+class StubResolver(AbstractResolver):
+    """A loopback DNS stub for aiohttp, in process: answers every name with
+    ``addresses``."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self.addresses
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("addresses", "refused"),
+    [
+        (["169.254.169.254"], "169.254.169.254 (link-local)"),
+        (["93.184.216.34", "10.1.2.3"], "10.1.2.3 (private)"),
+        (["::ffff:169.254.169.254"], "169.254.169.254 (link-local)"),
+        (["fe80::1"], "fe80::1 (link-local)"),
+        (["100.64.0.1"], "100.64.0.1 (not public)"),
+        (["93.184.216.34", "2606:2800:220:1::"], None),
+    ],
+)
+def test_resolver_refuses_non_public_answers(addresses: list[str], refused: str | None) -> None:
+    """The HTTP client's resolver refuses a name when any address it resolved to is not
+    public, unless an entry names that host and port (whatever its scheme or path)."""
+    prefixes = (*DEFAULT, "http://metadata.test:8080/videos/")
+
+    async def resolve(host: str, port: int) -> list[ResolveResult]:
+        resolver = video_embeddings.urls.PolicyResolver(prefixes, base=StubResolver(*addresses))
+        return await resolver.resolve(host, port)
+
+    if refused is None:
+        assert len(asyncio.run(resolve("metadata.test", 80))) == len(addresses)
+    else:
+        with pytest.raises(BadVideo) as raised:
+            asyncio.run(resolve("metadata.test", 80))
+        assert str(raised.value) == (
+            f"URL not allowed: host metadata.test resolved to {refused} at connect time"
+        )
+    assert len(asyncio.run(resolve("Metadata.TEST", 8080))) == len(addresses)
 
 
 # --- an HTTP server for redirects, errors and streams -----------------------------------

@@ -8,17 +8,20 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
+import aiohttp
 import fsspec
 
 from video_embeddings.outcomes import BadVideo, ObjectFault, SystemFault, is_system_fault
 from video_embeddings.settings import DEFAULT_ALLOWED_URI_PREFIXES, DEFAULT_MAX_VIDEO_BYTES
-from video_embeddings.urls import check_uri, redact
+from video_embeddings.urls import PolicyResolver, check_uri, redact
 
 __all__ = [
     "CACHE_TYPE",
     "MAX_BLOCKS",
+    "PolicyClient",
     "RETRY_ATTEMPTS",
     "RETRY_BASE_DELAY_S",
     "StorageReader",
@@ -54,11 +57,18 @@ def open_video(
     The URL is taken literally: ``#`` and ``?`` in a ``gs://`` value are part of the
     object name (fsspec's URL parsing would read ``#123`` or ``?generation=123`` as a
     GCS generation). http(s) redirects are not followed, since one could lead to a host
-    that ``check_uri`` refuses. An object larger than ``max_bytes`` is refused unread, and
-    so is one of unknown size (an http(s) answer without a Content-Length), which can be
-    neither capped nor seeked: both raise ``BadVideo``."""
+    that ``check_uri`` refuses, and the HTTP client connects only to addresses that
+    ``allowed_prefixes`` allows (``PolicyResolver``): an address it refuses when the
+    connection is made (DNS rebinding) raises ``BadVideo`` too, with nothing connected.
+    An object larger than ``max_bytes`` is refused unread, and so is one of unknown size
+    (an http(s) answer without a Content-Length), which can be neither capped nor seeked:
+    both raise ``BadVideo``."""
     check_uri(uri, allowed_prefixes)
-    fs = fsspec.filesystem(uri.split("://", 1)[0] if "://" in uri else "file")
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme in ("http", "https"):
+        fs = fsspec.filesystem(scheme, get_client=PolicyClient(tuple(allowed_prefixes)))
+    else:
+        fs = fsspec.filesystem(scheme)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     options: dict[str, Any] = {}
     if "gs" in protocols:
@@ -68,14 +78,21 @@ def open_video(
     if "http" in protocols:
         options["allow_redirects"] = False
     path = fs._strip_protocol(uri)
-    file = fs.open(
-        path,
-        "rb",
-        block_size=block_size,
-        cache_type=CACHE_TYPE,
-        cache_options={"maxblocks": MAX_BLOCKS},
-        **options,
-    )
+    try:
+        file = fs.open(
+            path,
+            "rb",
+            block_size=block_size,
+            cache_type=CACHE_TYPE,
+            cache_options={"maxblocks": MAX_BLOCKS},
+            **options,
+        )
+    except FileNotFoundError as e:
+        # fsspec's HTTP filesystem reports any failed request at open as a missing file,
+        # the resolver's refusal included
+        if isinstance(e.__cause__, BadVideo):
+            raise e.__cause__ from None
+        raise
     size = getattr(file, "size", None)
     if size is None or size > max_bytes:
         file.close()
@@ -83,6 +100,22 @@ def open_video(
             raise BadVideo("object size is unknown (no Content-Length)")
         raise BadVideo(f"object is {size} bytes, over MAX_VIDEO_BYTES ({max_bytes})")
     return file
+
+
+@dataclass(frozen=True)
+class PolicyClient:
+    """fsspec's ``get_client`` for http(s): an aiohttp session whose connector resolves
+    names through ``PolicyResolver(allowed_prefixes)``, so the address connected to is
+    the one the policy checked. fsspec keeps one filesystem, and so one session, per
+    thread for each set of arguments, compared by their text: this class's ``repr`` names
+    the prefixes, so each policy gets its own filesystem, reused row after row, and closed
+    with it."""
+
+    allowed_prefixes: tuple[str, ...]
+
+    async def __call__(self, **kwargs: Any) -> aiohttp.ClientSession:
+        resolver = PolicyResolver(self.allowed_prefixes)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver), **kwargs)
 
 
 class StorageReader:
@@ -154,11 +187,13 @@ def _http_cause(error: Exception) -> Exception:
     """fsspec's HTTP filesystem reports any failed request at open as a missing file: a
     403, a refused connection or a 503 is a storage fault, and only a 404 or 410 means
     missing. Returns the request's own error in the first cases, else ``error``."""
-    from aiohttp import ClientError
-
     cause = error.__cause__
     missing = getattr(cause, "status", None) in (404, 410)
-    if isinstance(error, FileNotFoundError) and isinstance(cause, ClientError) and not missing:
+    if (
+        isinstance(error, FileNotFoundError)
+        and isinstance(cause, aiohttp.ClientError)
+        and not missing
+    ):
         return cause
     return error
 
