@@ -20,7 +20,7 @@ from video_embeddings.urls import PolicyResolver, check_uri, redact
 
 __all__ = [
     "CACHE_TYPE",
-    "MAX_BLOCKS",
+    "CACHE_BYTES",
     "PolicyClient",
     "RETRY_ATTEMPTS",
     "RETRY_BASE_DELAY_S",
@@ -36,9 +36,10 @@ T = TypeVar("T")
 CACHE_TYPE = "blockcache"
 """fsspec cache: each BLOCK_SIZE block of the object is fetched at most once per video,
 whatever order the demuxer reads in (see docs/reading.md)."""
-MAX_BLOCKS = 4
-"""Blocks the cache of one open file keeps: with 16 MiB blocks, at most 64 MiB per decode
-thread. The demuxer reads forward, so a small cache fetches nothing twice."""
+CACHE_BYTES = 64 * 1024 * 1024
+"""Bytes the block cache of one open file may hold (``BLOCK_SIZE`` blocks, at least one):
+64 MiB per decode thread. A clip up to that size is fetched once whatever order the
+demuxer reads in; a larger one may fetch a block again when the decoder seeks back."""
 
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 1.0
@@ -84,7 +85,7 @@ def open_video(
             "rb",
             block_size=block_size,
             cache_type=CACHE_TYPE,
-            cache_options={"maxblocks": MAX_BLOCKS},
+            cache_options={"maxblocks": max(1, CACHE_BYTES // block_size)},
             **options,
         )
     except FileNotFoundError as e:
