@@ -68,7 +68,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi",
+    ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".vob",
+    ".flv", ".3gp", ".wmv", ".asf", ".ogv",
+)  # fmt: skip
+"""File extensions ``find_videos`` counts as videos: MP4 and QuickTime, Matroska and WebM,
+AVI, MPEG transport streams (camcorders' .mts/.m2ts), MPEG program streams (.mpg, DVD
+.vob), Flash video, 3GPP, Windows Media (.wmv, .asf) and Ogg video."""
 
 ANN_MIN_ROWS = 5_000
 """From this many rows, ``index`` builds an ANN index on the mean-vector column. Below it an

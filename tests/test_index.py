@@ -11,7 +11,7 @@ import pytest
 from conftest import make_index_clip
 
 from video_embeddings.rows import EMBEDDING_TYPE, mean_vectors
-from video_embeddings_table import UserError, index
+from video_embeddings_table import UserError, find_videos, index
 from video_embeddings_udf import aggregate_mean
 
 
@@ -37,3 +37,15 @@ def test_mean_vector_follows_its_embedding() -> None:
     np.testing.assert_allclose(means[0], aggregate_mean(video), rtol=1e-6)
     assert means[1] is None
     assert means[2] == [0.0] * 1024
+
+
+def test_every_common_video_extension_is_found(tmp_path: Path) -> None:
+    """A folder of camcorder, broadcast and old-dataset files is indexed, whatever the
+    letter case; other files are counted as skipped."""
+    names = ["a.MTS", "b.m2ts", "c.ts", "d.mpg", "e.MPEG", "f.vob", "g.flv", "h.3gp"]
+    names += ["i.wmv", "j.asf", "k.ogv", "l.mp4", "m.MOV", "n.mkv", "o.webm", "p.avi", "q.m4v"]
+    for name in [*names, "notes.txt", "thumb.jpg"]:
+        (tmp_path / name).write_bytes(b"")
+    found = find_videos([str(tmp_path)])
+    assert sorted(found.videos) == sorted(str(tmp_path / n) for n in names)
+    assert found.skipped == 2
