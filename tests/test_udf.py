@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from transformers import AutoModel, AutoVideoProcessor
 
 import video_embeddings_udf as vu
 from video_embeddings.outcomes import SystemFault
+from video_embeddings.preprocess import MAX_RESIZED_PIXELS
 from video_embeddings_udf import BadVideo, Settings, sample_indices
 
 # --- settings ---------------------------------------------------------------------------
@@ -446,3 +449,35 @@ def test_udf_version_is_stable_and_follows_settings() -> None:
     assert runs[0] == runs[1]
     assert runs[0][0] != runs[0][1]
     assert vu.VideoEmbedding(Settings()).version == runs[0][0]
+
+
+@pytest.mark.parametrize(
+    ("size", "embeds"), [("2x8192", False), ("8192x2", False), ("8x256", True)]
+)
+def test_extreme_aspect_ratios_are_bounded(
+    settings: Settings, tmp_path: Path, size: str, embeds: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 2x8192 or 8192x2 frame would resize to 256x1048576 before the crop with ViT-L's
+    processor (768 MiB a frame; 73x299008 with the tiny model's): it gets the zero tensor
+    with the reason, before any resize. A 32:1 frame (8x256) still embeds."""
+    clip = tmp_path / f"{size}.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25", "-t",
+         "0.2", "-c:v", "libx264", "-pix_fmt", "yuv444p", str(clip)],
+        check=True,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
+        rows = embed_fn(dataclasses.replace(settings, num_frames=4))(str(clip))
+    zero = [r.getMessage() for r in caplog.records if "zero embedding" in r.getMessage()]
+    if embeds:
+        assert rows.shape == (4, 1024) and np.abs(rows).sum() > 0 and zero == []
+    else:
+        np.testing.assert_array_equal(rows, vu.zero_embedding())
+        w, h = size.split("x")
+        [line] = zero
+        resized = line.split("would resize to ")[1].split(" ")[0]  # the tiny model's 73 px
+        assert resized == ("299008x73" if w == "8192" else "73x299008")
+        assert line == (
+            f"zero embedding for {clip}: frame size {w}x{h} would resize to {resized} "
+            f"before the crop, over {MAX_RESIZED_PIXELS} pixels: its aspect ratio is too extreme"
+        )

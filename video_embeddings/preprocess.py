@@ -6,10 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from video_embeddings.outcomes import BadVideo
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Preprocessing", "preprocess", "shrink"]
+__all__ = ["MAX_RESIZED_PIXELS", "RESIZE_CHUNK_PIXELS", "Preprocessing", "preprocess", "shrink"]
+
+MAX_RESIZED_PIXELS = 4 * 1024 * 1024
+"""Pixels one frame may have after the shortest-edge resize and before the crop: aspect
+ratios up to 64:1 at the model's 256 px. A frame beyond is a bad video, refused before
+any resize allocates."""
+RESIZE_CHUNK_PIXELS = 16 * 1024 * 1024
+"""Resized pixels ``shrink`` holds at once: 48 MiB as uint8 RGB, 144 frames of a 16:9
+video's 455x256 resize, four of a 64:1 one."""
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,30 @@ def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, in
 
 def shrink(frames: torch.Tensor, p: Preprocessing, *, device: str) -> torch.Tensor:
     """``(N, C, H, W)`` uint8 → ``(N, C, crop, crop)`` uint8 on ``device``: the processor's
-    resize and centre crop, done per chunk of frames as they are decoded."""
+    resize and centre crop, done per chunk of frames as they are decoded, a few frames at
+    a time so that the resized frames held at once stay under ``RESIZE_CHUNK_PIXELS``.
+
+    Raises ``BadVideo`` when one resized frame would exceed ``MAX_RESIZED_PIXELS``: a
+    2x8192 frame resizes its short edge to 256 and its long edge to 1,048,576 pixels."""
+    import torch
     from torchvision.transforms.v2 import functional as F
 
-    frames = frames.to(device, non_blocking=True)
-    size = _resized_shape(frames.shape[-2], frames.shape[-1], p.shortest_edge)
-    frames = F.resize(frames, list(size), interpolation=p.interpolation, antialias=True)
+    height, width = frames.shape[-2:]
+    size = _resized_shape(height, width, p.shortest_edge)
+    if size[0] * size[1] > MAX_RESIZED_PIXELS:
+        raise BadVideo(
+            f"frame size {width}x{height} would resize to {size[1]}x{size[0]} before the "
+            f"crop, over {MAX_RESIZED_PIXELS} pixels: its aspect ratio is too extreme"
+        )
     top = int((size[0] - p.crop[0]) / 2.0)
     left = int((size[1] - p.crop[1]) / 2.0)
-    return frames[..., top : top + p.crop[0], left : left + p.crop[1]].contiguous()
+    step = max(1, RESIZE_CHUNK_PIXELS // (size[0] * size[1]))
+    parts = []
+    for start in range(0, len(frames), step):
+        chunk = frames[start : start + step].to(device, non_blocking=True)
+        chunk = F.resize(chunk, list(size), interpolation=p.interpolation, antialias=True)
+        parts.append(chunk[..., top : top + p.crop[0], left : left + p.crop[1]])
+    return torch.cat(parts).contiguous()
 
 
 def preprocess(clips: torch.Tensor, p: Preprocessing, *, dtype: torch.dtype) -> torch.Tensor:
