@@ -128,7 +128,7 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _setup_output(verbose: bool) -> None:
+def _setup_output(*, verbose: bool, starts_ray: bool) -> None:
     """Logs go to stderr, one line each. With ``verbose`` every library logs at INFO and
     Ray forwards its workers' output; without it, only this package's loggers log below
     ERROR (progress, outcome) and the libraries' notices are silenced (``_quiet``)."""
@@ -140,10 +140,10 @@ def _setup_output(verbose: bool) -> None:
     for name in (*OWN_LOGGERS, __name__):  # __main__ when run as a script
         logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:
-        _quiet()
+        _quiet(starts_ray=starts_ray)
 
 
-def _quiet() -> None:
+def _quiet(*, starts_ray: bool) -> None:
     """Silence what a user of the command cannot act on: Python warnings become log
     records of ``py.warnings`` (below ERROR, so dropped), libraries read ``QUIET_ENV``,
     and Ray starts without forwarding its workers' output to this process's stdout and
@@ -153,19 +153,26 @@ def _quiet() -> None:
 
     Geneva's ``local_ray_context()`` passes ``log_to_driver=True`` to ``ray.init``, which
     overrides Ray's ``RAY_LOG_TO_DRIVER`` environment variable, so the options are set
-    on ``ray.init`` itself, for whichever caller starts or joins Ray in this process."""
+    on ``ray.init`` itself, for whichever caller starts or joins Ray in this process
+    (only for a command that ``starts_ray``: search never does, and Ray takes seconds to
+    import)."""
     logging.captureWarnings(True)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if not starts_ray:
+        return
 
     import ray
 
     init = ray.init
+    if getattr(init, "quiet", False):  # main already ran in this process
+        return
 
     @functools.wraps(init)
     def quiet_init(*args: Any, **kwargs: Any) -> Any:
         return init(*args, **{**kwargs, "log_to_driver": False, "logging_level": logging.ERROR})
 
+    quiet_init.quiet = True  # type: ignore[attr-defined]
     ray.init = quiet_init
 
 
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "index" and args.manifest and not args.cluster:
         parser.error("--manifest needs --cluster")
-    _setup_output(args.verbose)
+    _setup_output(verbose=args.verbose, starts_ray=args.command == "index")
 
     from video_embeddings_table import UserError
 

@@ -10,9 +10,11 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -47,6 +49,11 @@ CLI = str(Path(sys.executable).with_name("video-embeddings"))
 GOOD = ["av1_video.mkv", "bikes.mp4", "carphone_distorted.mp4", "h265_video.mp4"]
 BAD = "audio_only.mp4"
 """The shared WAV under a video name: found by its extension, embedded as the zero tensor."""
+OWN_LINE = re.compile(r"\d\d:\d\d:\d\d [A-Z]+ video_embeddings\w*(\.\w+)*: |video-embeddings: ")
+"""A stderr line of the command's own: a log line of one of the package's loggers, or its
+one-line error."""
+NOISE = re.compile(r"DataReplacement|auth|Traceback|tqdm|it/s")
+"""What the libraries print that a user cannot act on (lance, Ray, Geneva, progress bars)."""
 AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": aggregate_mean,
     "max": aggregate_max,
@@ -91,6 +98,23 @@ def indexed(
     the LanceDB directory, the JSON summary, and stderr."""
     db = tmp_path_factory.mktemp("index") / "db"
     result = run_cli("index", str(clip_dir), "--db", str(db), "--json", env=env)
+    return db, json.loads(result.stdout), result.stderr
+
+
+@pytest.fixture(scope="module")
+def reindexed(
+    tmp_path_factory: pytest.TempPathFactory,
+    indexed: tuple[Path, dict[str, Any], str],
+    clip_dir: Path,
+    env: dict[str, str],
+) -> tuple[Path, dict[str, Any], str]:
+    """A second ``index`` run over a copy of the first run's table, the same files named by
+    globs this time, with --build-index and --verbose (Ray starts again, though nothing
+    is left to embed): the LanceDB directory, the JSON summary, and stderr."""
+    db = tmp_path_factory.mktemp("reindex") / "db"
+    shutil.copytree(indexed[0], db)
+    args = ["index", f"{clip_dir}/*.mp4", f"{clip_dir}/*.mkv", "--db", str(db)]
+    result = run_cli(*args, "--build-index", "--json", "--verbose", env=env)
     return db, json.loads(result.stdout), result.stderr
 
 
@@ -206,7 +230,10 @@ def test_progress_counts_this_runs_videos_from_genevas_job_tracker(
 
 
 def test_index_embeds_every_video_then_nothing_on_a_second_run(
-    indexed: tuple[Path, dict[str, Any], str], clip_dir: Path, env: dict[str, str], tmp_path: Path
+    indexed: tuple[Path, dict[str, Any], str],
+    reindexed: tuple[Path, dict[str, Any], str],
+    clip_dir: Path,
+    env: dict[str, str],
 ) -> None:
     """The first run adds and embeds every video (the audio-only one as the zero tensor,
     with its reason), counts the skipped files, and reports progress on stderr. A second
@@ -216,8 +243,9 @@ def test_index_embeds_every_video_then_nothing_on_a_second_run(
     db, summary, stderr = indexed
     assert summary["found"] == summary["added"] == 5
     assert summary["embedded"] == 4
-    assert list(summary["failures"]) == [str(clip_dir / BAD)]
-    assert "no valid stream" in summary["failures"][str(clip_dir / BAD)].lower()
+    assert list(summary["bad_videos"]) == [str(clip_dir / BAD)]
+    assert "no valid stream" in summary["bad_videos"][str(clip_dir / BAD)].lower()
+    assert summary["object_faults"] == {}
     assert (summary["skipped"], summary["already_indexed"], summary["rows"]) == (2, 0, 5)
     assert summary["ann_index"] is False
     assert "embedding: 5/5 videos" in stderr and "failures so far" in stderr
@@ -231,14 +259,11 @@ def test_index_embeds_every_video_then_nothing_on_a_second_run(
     np.testing.assert_array_equal(stored[str(clip_dir / BAD)]["rows"], np.zeros((1, 1024)))
     np.testing.assert_array_equal(stored[str(clip_dir / BAD)]["mean"], np.zeros(1024))
 
-    again = tmp_path / "db"
-    shutil.copytree(db, again)
-    args = ["index", f"{clip_dir}/*.mp4", f"{clip_dir}/*.mkv", "--db", str(again)]
-    second = run_cli(*args, "--build-index", "--json", env=env)
-    summary = json.loads(second.stdout)
+    again, summary, second_stderr = reindexed
     assert (summary["found"], summary["added"], summary["already_indexed"]) == (5, 0, 5)
-    assert (summary["embedded"], summary["failures"], summary["ann_index"]) == (0, {}, True)
-    assert "embedding:" not in second.stderr
+    assert (summary["embedded"], summary["bad_videos"], summary["object_faults"]) == (0, {}, {})
+    assert summary["ann_index"] is True
+    assert "video_embeddings_table: embedding:" not in second_stderr
     for uri, entry in table(again).items():
         np.testing.assert_array_equal(entry["rows"], stored[uri]["rows"])
 
@@ -251,6 +276,22 @@ def test_index_embeds_every_video_then_nothing_on_a_second_run(
     ]
     for a, e in zip(ann["hits"], exact["hits"], strict=True):
         assert a["score"] == pytest.approx(e["score"], abs=1e-6)
+
+
+def test_stderr_has_only_the_commands_own_lines_unless_verbose(
+    indexed: tuple[Path, dict[str, Any], str], reindexed: tuple[Path, dict[str, Any], str]
+) -> None:
+    """Without --verbose, index's stderr is its own progress and outcome: no notice from
+    Ray (token auth, its workers' forwarded output), lance (DataReplacement), Geneva
+    (tracebacks, progress bars). With --verbose the libraries' lines are there too."""
+    quiet = indexed[2].splitlines()
+    assert any("video_embeddings_table: embedding: 5/5 videos" in line for line in quiet)
+    assert [line for line in quiet if NOISE.search(line) or not OWN_LINE.match(line)] == []
+
+    verbose = reindexed[2].splitlines()
+    others = [line for line in verbose if not OWN_LINE.match(line)]
+    assert any(" geneva." in line for line in others), reindexed[2][-3000:]
+    assert any("Started a local Ray instance" in line for line in others), reindexed[2][-3000:]
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "max", "weighted", "segment", "none"])
@@ -427,6 +468,31 @@ def test_errors_are_one_line_with_an_exit_code(
     assert result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr
+    if rc == 1:  # nothing but the error (a usage error also prints the usage)
+        assert result.stderr.splitlines() == errors, result.stderr
+        assert errors[0].startswith("video-embeddings: error: ")
+    assert not new_db.exists()
+
+
+def test_a_model_that_cannot_be_fetched_fails_in_seconds(
+    clip_dir: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A hub id that is neither cached nor fetchable (offline here; on a machine with hub
+    access, no such repository) fails with one line, as fast as a missing local
+    directory that never touches the network: the hub downloads' own retries would add
+    about 25 s. The two runs are compared rather than timed alone, since importing the
+    libraries alone takes seconds on a loaded machine."""
+    new_db = tmp_path / "db"
+    seconds = {}
+    for model in (str(tmp_path / "no-such-checkpoint"), "facebook/not-a-model"):
+        start = time.monotonic()
+        args = ["index", str(clip_dir), "--db", str(new_db)]
+        result = run_cli(*args, env={**env, "VJEPA_MODEL": model}, check_rc=1)
+        seconds[model] = time.monotonic() - start
+        assert result.stderr.startswith(f"video-embeddings: error: cannot load the model {model!r}")
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "point VJEPA_MODEL at a local checkpoint directory" in result.stderr
+    assert seconds["facebook/not-a-model"] - seconds[str(tmp_path / "no-such-checkpoint")] < 15
     assert not new_db.exists()
 
 
