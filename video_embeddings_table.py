@@ -276,15 +276,22 @@ def _check_model(model: str, *, hub_timeout_s: float = 10.0) -> None:
 
 def _local_resources() -> dict[str, Any]:
     """Backfill options for local Ray: without CUDA, no GPU reservation (or Ray would wait
-    forever) and one applier with every CPU this process may use (its decode threads
-    follow the grant), since torch already spreads one clip over every core; with CUDA,
-    one applier per GPU, the CPUs shared between them."""
+    forever) and one applier with every CPU this process may use but what Geneva's own job
+    actors reserve (its decode threads follow the grant, rounded up); with CUDA, one
+    applier per GPU, the CPUs shared between them."""
     import torch
+    from geneva.runners.ray.admission import (
+        DRIVER_NUM_CPUS,
+        FRAGMENT_WRITER_NUM_CPUS,
+        JOBTRACKER_NUM_CPUS,
+    )
 
+    job_actors = DRIVER_NUM_CPUS + JOBTRACKER_NUM_CPUS + FRAGMENT_WRITER_NUM_CPUS
+    cpus = max(0.1, granted_cpus() - job_actors)
     if not torch.cuda.is_available():
-        return {"num_gpus": 0, "num_cpus": granted_cpus(), "concurrency": 1}
+        return {"num_gpus": 0, "num_cpus": cpus, "concurrency": 1}
     gpus = torch.cuda.device_count()
-    return {"num_cpus": max(1, granted_cpus() // gpus), "concurrency": gpus}
+    return {"num_cpus": cpus / gpus, "concurrency": gpus}
 
 
 class _Progress:
@@ -292,9 +299,9 @@ class _Progress:
     line whenever a count moves, and at least every ``PROGRESS_QUIET_S``.
 
     Done counts come from Geneva's job tracker (rows checkpointed). Failures so far are
-    the rows Geneva has given up on (``rows_skipped_on_error``): the zero tensor of a bad
+    the object faults Geneva isolated (``rows_skipped_on_error``): the zero tensor of a bad
     video is an ordinary result that becomes visible when the job commits, and ``index``
-    counts those then (the worker's log line with the reason shows on stderr at once)."""
+    counts those then, with their reasons."""
 
     def __init__(self, total: int) -> None:
         self.total = total

@@ -164,8 +164,11 @@ class VideoEmbedding:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """On a worker: the column's settings, with the runtime knobs of this worker's
-        environment (``RUNTIME_KNOBS``)."""
-        self.__init__(Settings.from_output_defining(state["settings"]))  # type: ignore[misc]
+        environment (``RUNTIME_KNOBS``). A column added by an earlier release pickled a
+        whole ``Settings``; its fields are read the same way."""
+        frozen = state["settings"]
+        values = frozen if isinstance(frozen, dict) else vars(frozen)
+        self.__init__(Settings.from_output_defining(values))  # type: ignore[misc]
 
 
 # ``@udf`` leaves a wrapper function at the class's name. Pointing the class's qualified name

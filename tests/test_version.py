@@ -74,3 +74,19 @@ def test_runtime_knobs_come_from_the_unpickling_workers_environment(
     worker = pickle.loads(data).settings
     assert (worker.decode_workers, worker.embed_batch) == (7, 12)
     assert (worker.model, worker.num_frames) == ("some/model", 16)
+
+
+def test_a_column_pickled_by_the_earlier_release_still_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Columns added before the split pickled ``{"settings": Settings, "_runtime": None}``,
+    a ``Settings`` without the newer fields: they unpickle with those fields' defaults."""
+    old = Settings(model="some/model", num_frames=16)
+    object.__delattr__(old, "row_deadline_s")  # a field the earlier release did not have
+    udf = VideoEmbedding(Settings()).func  # type: ignore[attr-defined]
+    state = {"settings": old, "_runtime": None}
+    monkeypatch.setenv("EMBED_BATCH", "3")
+    type(udf).__setstate__(udf, state)
+    assert (udf.settings.model, udf.settings.num_frames) == ("some/model", 16)
+    assert udf.settings.row_deadline_s == Settings.row_deadline_s
+    assert udf.settings.embed_batch == 3

@@ -211,12 +211,13 @@ def _check_choice(name: str, value: object, mode: Any, *, optional: bool = False
 
 
 def granted_cpus() -> int:
-    """The CPUs this process may use: Ray's assignment inside a Ray worker, else the
-    smaller of the CPU affinity mask and the cgroup v2 quota (``cpu.max``); never the
-    host's ``os.cpu_count()``, which counts cores a container cannot use."""
+    """The CPUs this process may use: Ray's assignment inside a Ray worker, rounded up (a
+    worker granted 1.7 CPUs beside Geneva's small job actors uses 2), else the smaller of
+    the CPU affinity mask and the cgroup v2 quota (``cpu.max``); never the host's
+    ``os.cpu_count()``, which counts cores a container cannot use."""
     assigned = _ray_assigned_cpus()
     if assigned:
-        return max(1, math.floor(assigned))
+        return max(1, math.ceil(assigned))
     cpus = len(os.sched_getaffinity(0))
     quota = _cgroup_cpu_quota()
     return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
