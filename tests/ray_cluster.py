@@ -15,6 +15,12 @@ Why this shape:
 - The head advertises no CPUs and Geneva's ``geneva_ray_head`` resource, as Geneva's own
   KubeRay head does: Geneva's job drivers run there, everything else on the workers. It
   runs Ray's dashboard (on 127.0.0.1), whose state API Geneva asks which appliers live.
+- ``zip_only=True`` runs the nodes on ``zip_only_python``: this environment's third-party
+  packages without the project, which is installed here in editable mode. A KubeRay
+  cluster built from the manifest has only what the manifest installs and the zip it
+  ships; so do these nodes, so the zip is the only way their workers get the project.
+  Every node starts in the cluster's directory, never the repository, since ``python -m``
+  puts the working directory on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
+import venv
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,9 @@ STOP_GRACE_S = 3.0
 """How long the nodes get to stop on SIGTERM before they are killed."""
 OBJECT_STORE_BYTES = 500_000_000
 """Ray's object store per node (the default is 30% of the machine's memory, per node)."""
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+HIDDEN_ENV = ("PYTHONPATH", "VIRTUAL_ENV")
+"""Not passed to zip-only nodes: either could lead their Python back to the project."""
 
 
 def _free_port() -> int:
@@ -74,13 +85,40 @@ class Node:
         return {p for p in self.logs.glob("worker-*.err") if text in p.read_text(errors="replace")}
 
 
+def zip_only_python(root: Path, project: Path = PROJECT_DIR) -> Path:
+    """Create in ``root`` a Python that imports this environment's third-party packages
+    but not ``project``, and return its ``python``.
+
+    It is a virtual environment on the same base interpreter whose site-packages holds a
+    path file naming this environment's site-packages. Python applies the ``.pth`` files
+    of its own site directories only: a directory that a path file adds is put on
+    ``sys.path`` as it is, so the editable install's path file there, which adds
+    ``project``, is never read. The environment's other path files are copied (after
+    the one that makes what they import importable)."""
+    venv.create(root, with_pip=False, symlinks=True, clear=True)
+    dirs = {"base": str(root), "platbase": str(root)}
+    site = Path(sysconfig.get_path("purelib", "venv", vars=dirs))
+    ours = [Path(sysconfig.get_path(key)) for key in ("purelib", "platlib")]
+    (site / "00-third-party.pth").write_text("".join(f"{d}\n" for d in dict.fromkeys(ours)))
+    for directory in dict.fromkeys(ours):
+        for pth in directory.glob("*.pth"):
+            lines = pth.read_text().splitlines()
+            if not any(Path(line.strip()) == project for line in lines if line.strip()):
+                (site / pth.name).write_text(pth.read_text())
+    return root / "bin" / "python"
+
+
 class LoopbackCluster:
     """A Ray cluster on loopback: a head, then ``add_nodes`` for the worker nodes.
 
-    ``env`` holds the token and the settings every node started with; ``extra_env`` is
-    added to it (storage endpoints the UDF reads from, say)."""
+    ``env`` holds the token and the settings every node started with, for the clients of
+    the cluster; ``extra_env`` is added to it (storage endpoints the UDF reads from, say).
+    With ``zip_only`` the nodes run ``zip_only_python`` (``python``) with ``node_env``,
+    which lacks ``HIDDEN_ENV``."""
 
-    def __init__(self, root: Path, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, extra_env: Mapping[str, str] | None = None, *, zip_only: bool = False
+    ) -> None:
         self.root = root
         self.env = {
             **os.environ,
@@ -89,9 +127,20 @@ class LoopbackCluster:
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
             **(extra_env or {}),
         }
+        self.zip_only = zip_only
+        self.python = Path(sys.executable)
+        """The Python the nodes run, and so their workers (``zip_only_python`` if
+        ``zip_only``, created by ``start``)."""
         self.gcs_port = _free_port()
         self.client_port = _free_port()
         self.nodes: dict[str, Node] = {}
+
+    @property
+    def node_env(self) -> dict[str, str]:
+        """The environment the nodes start with."""
+        if not self.zip_only:
+            return self.env
+        return {key: value for key, value in self.env.items() if key not in HIDDEN_ENV}
 
     @property
     def address(self) -> str:
@@ -99,6 +148,8 @@ class LoopbackCluster:
         return f"ray://127.0.0.1:{self.client_port}"
 
     def start(self) -> Self:
+        if self.zip_only:
+            self.python = zip_only_python(self.root / "python")
         head = [f"--port={self.gcs_port}", f"--ray-client-server-port={self.client_port}"]
         head += ["--num-cpus=0", '--resources={"geneva_ray_head": 1}']
         head += [f"--dashboard-port={_free_port()}"]
@@ -178,13 +229,18 @@ class LoopbackCluster:
 
     def _launch(self, name: str, args: list[str]) -> Node:
         temp_dir = self.root / name
-        command = [str(Path(sys.executable).parent / "ray"), "start", "--block"]
+        command = [str(self.python), "-m", "ray.scripts.scripts", "start", "--block"]
         command += [f"--node-ip-address={NODE_IP}", f"--temp-dir={temp_dir}"]
         command += [f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
         command += [f"--dashboard-agent-listen-port={_free_port()}", *args]
         with (self.root / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=self.root,
+                env=self.node_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.nodes[name] = Node(name, temp_dir, process)
         return self.nodes[name]

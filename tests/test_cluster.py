@@ -1,13 +1,16 @@
-"""Backfills on a real multi-node Ray cluster on this machine, and what losing a node or
-the driver costs.
+"""Backfills on a real multi-node Ray cluster on this machine, ``video-embeddings index
+--cluster`` among them, and what losing a node or the driver costs.
 
 The cluster (tests/ray_cluster.py) is a head and two worker nodes, separate raylets that
 each advertise one GPU they do not have. The UDF keeps its ``num_gpus=1``, so Ray must
 place its appliers on those two nodes, where it runs on the CPU after its one warning,
-which names the Ray node. Geneva connects the way a user connects to a cluster that is
-already running: the definition ``upload_manifest.existing_cluster`` builds, the manifest
-``upload_manifest.py --preinstalled`` defines, and ``conn.context(cluster=, manifest=)``
-in a driver process of its own (tests/cluster_driver.py).
+which names the Ray node. The nodes run a Python with the locked third-party packages and
+without the project (``zip_only``), as a KubeRay cluster built from the manifest does: the
+zip the manifest ships is the only way their workers get ``video_embeddings_udf`` and the
+``video_embeddings`` package. Geneva connects the way a user connects to a cluster that
+is already running: the definition ``upload_manifest.existing_cluster`` builds, the
+manifest ``upload_manifest.py --preinstalled`` defines, and ``conn.context(cluster=,
+manifest=)`` in a driver process of its own (tests/cluster_driver.py, or the command).
 
 The videos are read from gs:// through a GCS emulator with a fault proxy in front: every
 download of an object is a row the UDF computed, so counting them at the proxy counts the
@@ -17,11 +20,14 @@ which rows were checkpointed when they kill a node or the driver.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +44,7 @@ from gcs_emulator import FaultProxy, GcsEmulator
 from ray_cluster import LoopbackCluster, alive
 
 import upload_manifest
-from video_embeddings_udf import Settings, embedding_column
+from video_embeddings_udf import EMBEDDING_DIM, Settings, aggregate_mean, embedding_column
 
 BUCKET = "videos"
 CLIPS = ["bikes.mp4", "scene_cuts.mp4", "h265_video.mp4", "av1_video.mkv", "carphone_distorted.mp4"]
@@ -53,9 +59,26 @@ ROWS_PER_RUN = 8
 STALLED_ROW = 4
 CLUSTER = "loopback"
 MANIFEST = "preinstalled"
+EMPTY_MANIFEST = "empty-zip"
+"""A preinstalled manifest whose zip holds nothing of the project."""
 CPU_WARNING = "no CUDA device"
 DRIVER_TIMEOUT_S = 300
 REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("video-embeddings"))
+PROJECT_MODULES = ["video_embeddings_udf", "video_embeddings", "video_embeddings_table"]
+"""What a node must not import but from the manifest's zip (the first two are the zip)."""
+NODE_PACKAGES = ["geneva", "torch", "torchcodec"]
+"""What the nodes must import: the locked packages a preinstalled manifest relies on."""
+IMPORT_CHECK = """
+import importlib, sys
+for name in sys.argv[1].split(","):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        print("missing" if e.name == name else f"broken ({e.name})", name)
+    else:
+        print("found", name)
+"""
 
 
 def url(name: str) -> str:
@@ -96,8 +119,9 @@ def gcs(shared_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def cluster(gcs: FaultProxy) -> Iterator[LoopbackCluster]:
-    """Head plus nodes gpu-a and gpu-b (2 CPUs and 1 advertised GPU each), whose workers
-    read gs:// from the proxy, as nodes set up by their administrator would."""
+    """Head plus nodes gpu-a and gpu-b (2 CPUs and 1 advertised GPU each), all running a
+    Python without the project, whose workers read gs:// from the proxy, as nodes set up
+    by their administrator would."""
     storage = {
         "STORAGE_EMULATOR_HOST": gcs.endpoint,
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -105,7 +129,7 @@ def cluster(gcs: FaultProxy) -> Iterator[LoopbackCluster]:
     }
     with (
         tempfile.TemporaryDirectory(prefix="ray-") as root,  # short: Ray's sockets live there
-        LoopbackCluster(Path(root), storage) as ray_cluster,
+        LoopbackCluster(Path(root), storage, zip_only=True) as ray_cluster,
     ):
         ray_cluster.add_nodes("gpu-a", "gpu-b", num_cpus=2, num_gpus=1)
         yield ray_cluster
@@ -154,10 +178,10 @@ def table_with_column(db: Path, name: str, names: list[str], settings: Settings)
 
 
 def start_driver(
-    db: Path, table: str, env: dict[str, str], *, concurrency: int
+    db: Path, table: str, env: dict[str, str], *, concurrency: int, manifest: str = MANIFEST
 ) -> subprocess.Popen[str]:
     command = [sys.executable, str(REPO / "tests" / "cluster_driver.py"), str(db), table]
-    command += ["video_embedding", "--cluster", CLUSTER, "--manifest", MANIFEST]
+    command += ["video_embedding", "--cluster", CLUSTER, "--manifest", manifest]
     command += ["--concurrency", str(concurrency)]
     # a lost client's job is cleaned up after this grace period (Ray's default: 30 s)
     env = {**env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
@@ -217,6 +241,50 @@ def stored(db: Path, table: str) -> dict[str, np.ndarray]:
     return {r["video_uri"]: np.array(r["video_embedding"], np.float32) for r in rows}
 
 
+def test_the_nodes_cannot_import_the_project(cluster: LoopbackCluster) -> None:
+    """The nodes' Python, run as the nodes run (in the cluster's folder, with the nodes'
+    environment), imports the locked packages and none of the project's modules; and each
+    raylet starts its workers with that Python."""
+    names = ",".join(PROJECT_MODULES + NODE_PACKAGES)
+    done = subprocess.run(
+        [str(cluster.python), "-c", IMPORT_CHECK, names],
+        cwd=cluster.root,
+        env=cluster.node_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = [f"missing {n}" for n in PROJECT_MODULES] + [f"found {n}" for n in NODE_PACKAGES]
+    assert done.stdout.splitlines() == expected
+    assert cluster.python != Path(sys.executable)
+    for node in cluster.nodes.values():
+        raylet = Path(f"/proc/{node.raylet_pid()}/cmdline").read_bytes().split(b"\0")
+        worker = next(a for a in raylet if a.startswith(b"--python_worker_command="))
+        assert worker.split(b"=", 1)[1].split()[0] == str(cluster.python).encode()
+
+
+def test_without_the_zip_the_cluster_cannot_unpickle_the_udf(
+    db: Path, env: dict[str, str], udf_settings: Settings, tmp_path: Path
+) -> None:
+    """A backfill through a manifest like the others' whose zip holds a placeholder and
+    none of the project fails on the cluster: Geneva's job driver cannot unpickle
+    ``VideoEmbedding``. So what the other tests' nodes run of the project comes from
+    the zip."""
+    table_with_column(db, "no_zip", ["clips/bikes.mp4"], udf_settings)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "empty"\nversion = "0"\n')
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "placeholder.txt").write_text("not the project\n")
+    manifest = upload_manifest.build_manifest(EMPTY_MANIFEST, preinstalled=True)
+    with contextlib.chdir(tmp_path / "src"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        geneva.connect(str(db)).define_manifest(EMPTY_MANIFEST, manifest)
+
+    code, said = finish(start_driver(db, "no_zip", env, concurrency=1, manifest=EMPTY_MANIFEST))
+    assert code == 1
+    assert "Failed to unmarshal UDF for column 'video_embedding'" in said
+
+
 def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
     cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
 ) -> None:
@@ -247,6 +315,50 @@ def test_backfill_runs_on_the_gpu_nodes_and_matches_the_in_process_result(
         assert not result[url(bad)].any()
     assert downloads(gcs) == Counter({n: 1 for n in NAMES if n != MISSING})
     print(f"\ncluster backfill, 2 appliers: {len(NAMES)} rows in {seconds:.1f} s, driver included")
+
+
+def test_index_command_with_cluster_fills_both_columns_on_the_gpu_nodes(
+    cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
+) -> None:
+    """``video-embeddings index gs://videos/clips/ --cluster --manifest`` into a new table
+    of the database the manifest was defined in: the command creates the table, and both
+    backfills, the embeddings and their mean vectors, run on the zip-only nodes. Every
+    row equals the in-process result and its mean is ``aggregate_mean`` of it; each clip
+    is downloaded once; the appliers ran on the GPU nodes, none on the head."""
+    names = [f"clips/{c}" for c in CLIPS]
+    fn = embed_fn(udf_settings)
+    expected = {url(n): np.stack(fn(url(n))) for n in names}
+    before = applier_logs(cluster)
+    gcs.reset()
+
+    command = [CLI, "index", url("clips/"), "--db", str(db), "--table", "cli"]
+    command += ["--cluster", CLUSTER, "--manifest", MANIFEST, "--json"]
+    started = time.monotonic()
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S
+    )
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = json.loads(done.stdout)
+    assert (summary["found"], summary["added"], summary["embedded"]) == (5, 5, 5)
+    assert (summary["bad_videos"], summary["object_faults"], summary["rows"]) == ({}, {}, 5)
+    ran = new_appliers(cluster, before)
+    assert not ran["head"]
+    assert ran["gpu-a"] or ran["gpu-b"]
+    for name in ("gpu-a", "gpu-b"):
+        for log in ran[name]:
+            assert f"{CPU_WARNING} on Ray node {cluster.nodes[name].node_id}" in log.read_text()
+    rows = geneva.connect(str(db)).open_table("cli").to_arrow().to_pylist()
+    assert sorted(r["video_uri"] for r in rows) == sorted(expected)
+    for row in rows:
+        embedding = np.array(row["video_embedding"], np.float32)
+        assert embedding.shape == (16, EMBEDDING_DIM)
+        np.testing.assert_array_equal(embedding, expected[row["video_uri"]])
+        mean = np.array(row["video_embedding_mean"], np.float32)
+        np.testing.assert_array_equal(mean, aggregate_mean(embedding))
+    assert downloads(gcs) == Counter({n: 1 for n in names})
+    print(f"\nindex --cluster: {len(names)} rows, both columns, in {seconds:.1f} s")
 
 
 def run_until_stalled(
