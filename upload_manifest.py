@@ -320,7 +320,9 @@ class Request:
     """What one run does, from the command line and the environment."""
 
     bucket: str
-    table: str
+    table: str | None
+    """The table to add the column to; None defines the manifest only (``video-embeddings
+    index --cluster`` creates its table and adds its columns itself)."""
     manifest_name: str
     image: str | None
     preinstalled: bool
@@ -349,17 +351,21 @@ def describe(manifest: GenevaManifest, zips: list[Path]) -> list[str]:
 
 def run(request: Request, settings: vu.Settings) -> None:
     """Check the bucket, the table and the settings, then define the manifest and add the
-    column; or, on a dry run, print what would be done and write nothing."""
+    column (when a table is named); or, on a dry run, print what would be done and write
+    nothing."""
     conn = connect(request.bucket)
-    tbl = open_table(conn, request.table, settings)
+    tbl = open_table(conn, request.table, settings) if request.table else None
     manifest = build_manifest(
         request.manifest_name,
         image=request.image,
         preinstalled=request.preinstalled,
         nvdec=request.nvdec,
     )
-    column, has_column = settings.embedding_col, settings.embedding_col in tbl.schema.names
+    column = settings.embedding_col
+    has_column = tbl is None or column in tbl.schema.names
     exists = f"table {request.table!r} already has column {column!r}"
+    if tbl is None:
+        exists = "no GENEVA_TABLE_NAME: no column added (index --cluster adds its own)"
     add = f"column {column!r} to table {request.table!r}: VideoEmbedding on "
     add += repr(settings.video_uri_col)
 
@@ -372,15 +378,15 @@ def run(request: Request, settings: vu.Settings) -> None:
         print("\n".join(describe(manifest, zips)))
         if out is not None:
             print(f"wrote {', '.join(str(z) for z in zips)}")
-        print(f"{exists}: it would be left as it is" if has_column else f"would add {add}")
+        print(f"{exists}: nothing else is written" if has_column else f"would add {add}")
         return
 
     define_manifest(conn, manifest)
     stored = next(m for m in conn.list_manifests() if m.name == manifest.name)
     print(f"defined manifest {manifest.name!r} in {request.bucket}:")
     print("\n".join(describe(stored, [Path(z) for group in stored.zips for z in group])))
-    if has_column:
-        print(f"{exists}: left as it is")
+    if tbl is None or has_column:
+        print(f"{exists}: left as it is" if tbl is not None else exists)
         return
     logger.info("adding column %r to table %r", column, request.table)
     tbl.add_columns(vu.embedding_column(settings))
@@ -433,7 +439,8 @@ def existing_cluster(name: str, address: str) -> GenevaCluster:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Environment: GENEVA_TABLE_NAME (required) names the table; the UDF's own "
+        epilog="Environment: GENEVA_TABLE_NAME names the table to add the column to (unset: "
+        "the manifest only, for `video-embeddings index --cluster`); the UDF's own "
         "settings (VIDEO_URI_COL, VIDEO_EMBEDDING_COL, VJEPA_MODEL, ...) are read as in "
         "video_embeddings_udf and frozen into the column.",
     )
@@ -518,11 +525,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        table = env.get("GENEVA_TABLE_NAME")
-        if not table:
-            raise SetupError(
-                "GENEVA_TABLE_NAME is not set: export the name of the table to add the column to"
-            )
+        table = env.get("GENEVA_TABLE_NAME") or None
         try:
             settings = vu.Settings.from_env(env)
         except ValueError as e:

@@ -667,10 +667,6 @@ def run_main(
 
 
 BAD_INPUT = {
-    "no-table-name": (
-        {},
-        "GENEVA_TABLE_NAME is not set: export the name of the table to add the column to",
-    ),
     "missing-table": ({"GENEVA_TABLE_NAME": "clips"}, "table 'clips' does not exist in {db}"),
     "no-uri-column": (
         {"GENEVA_TABLE_NAME": "other"},
@@ -682,6 +678,27 @@ BAD_INPUT = {
         "Invalid NUM_FRAMES ('many'). It must be an integer.",
     ),
 }
+
+
+def test_without_a_table_name_only_the_manifest_is_defined(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No GENEVA_TABLE_NAME: the manifest for a database whose tables
+    ``video-embeddings index --cluster`` will create; no table is touched."""
+    db = make_db(tmp_path / "db")
+    tables = snapshot_tables(db)
+    assert upload_manifest.main(["--bucket", str(db), "--preinstalled"], {}) == 0
+    out = capsys.readouterr().out
+    assert [m.name for m in geneva.connect(str(db)).list_manifests()] == ["video-embeddings-v1"]
+    assert out.splitlines()[-1] == (
+        "no GENEVA_TABLE_NAME: no column added (index --cluster adds its own)"
+    )
+    assert snapshot_tables(db) == tables
+
+
+def snapshot_tables(db: Path) -> dict[str, list[str]]:
+    conn = geneva.connect(str(db))
+    return {name: conn.open_table(name).schema.names for name in conn.table_names()}
 
 
 @pytest.mark.parametrize(("env", "message"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
