@@ -154,7 +154,10 @@ class VideoEmbedding:
 
     def _uris(self, column: pa.Array | pa.ChunkedArray) -> list[str | None]:
         base = self.settings.video_base_path
-        return [None if v is None else resolve_uri(v, base_path=base) for v in column.to_pylist()]
+        values = [
+            v.decode(errors="replace") if isinstance(v, bytes) else v for v in column.to_pylist()
+        ]
+        return [None if v is None else resolve_uri(v, base_path=base) for v in values]
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the output-defining settings and the pipeline's version only: a loaded

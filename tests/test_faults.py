@@ -267,8 +267,8 @@ def test_device_fault_is_a_system_fault(
 class Loopback(ThreadingHTTPServer):
     """An HTTP server on 127.0.0.1 that answers every path ``/*.mp4`` with the bytes of
     ``clip`` in ``mode`` "stall" (HEAD answers normally; a GET gets its 206 headers, then
-    its body stalls for ``STALL_S`` or until ``stop``), or 403 to everything in mode
-    "forbid". It counts the requests for each path."""
+    its body stalls for ``STALL_S`` or until ``stop``), 403 to everything in mode
+    "forbid", or 416 to every GET in mode "416". It counts the requests for each path."""
 
     STALL_S = 30.0
 
@@ -308,6 +308,12 @@ class _LoopbackHandler(BaseHTTPRequestHandler):
         self.server.requests[method, self.path] += 1
         if self.server.mode == "forbid":
             self.send_error(403)
+            return
+        if self.server.mode == "416" and method == "GET":
+            self.send_response(416)  # every range, though HEAD gave the size
+            self.send_header("Content-Range", f"bytes */{len(self.server.clip)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         size = len(self.server.clip)
         if method == "HEAD":
@@ -433,3 +439,63 @@ def test_skip_budget_turns_a_storage_outage_into_a_system_fault(
             one(pa.array([uri], pa.string()))
     with pytest.raises(SystemFault, match=r"^storage outage: 9 of the last 16 objects"):
         one(pa.array([forbidden[OUTAGE_FAULTS]], pa.string()))
+
+
+def test_rows_queued_behind_a_stalled_read_are_given_up_too(
+    settings: Settings, clips: dict[str, Path], loopback: Any
+) -> None:
+    """One decode thread, held by a stalled read: the row queued behind it cannot start,
+    and is given up twice ROW_DEADLINE_S after it was queued. The call returns in bounded
+    time, every row with an outcome (both NULL here, retried later)."""
+    server = loopback("stall")
+    s = allowing(settings, server, decode_workers=1, row_deadline_s=2.0, num_frames=16)
+    batch = [f"{server.endpoint}/stalled.mp4", str(clips["mp4"])]
+    udf = vu.VideoEmbedding(s).func
+    started = time.monotonic()
+    with pytest.raises(ObjectFault, match=r"no result within ROW_DEADLINE_S \(2 s\)"):
+        udf(pa.array(batch, pa.string()))
+    assert time.monotonic() - started < 10
+    assert [type(udf._isolating[u]) for u in batch] == [ObjectFault, ObjectFault]
+
+
+def test_a_range_answered_416_is_an_object_fault_not_a_bad_video(
+    settings: Settings, loopback: Any
+) -> None:
+    """HEAD gives the size, then every range gets 416 (an object replaced mid-read, a
+    glitch): fsspec returns no bytes, which must not read as the end of a bad video."""
+    server = loopback("416")
+    with pytest.raises(ObjectFault, match=r"failed after 1 attempt: OSError: short read: 0 of"):
+        embed_fn(allowing(settings, server, num_frames=16))(f"{server.endpoint}/v.mp4")
+
+
+@pytest.mark.parametrize(("value", "reason"), [("", "no video URL"), ("  ", "no video URL")])
+def test_blank_urls_are_bad_videos(
+    settings: Settings, value: str, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
+        np.testing.assert_array_equal(embed_fn(settings)(value), vu.zero_embedding())
+    lines = [r.getMessage() for r in caplog.records if "zero embedding" in r.getMessage()]
+    assert lines == [f"zero embedding for {value}: {reason}"]
+
+
+def test_a_fifo_is_refused_without_blocking(settings: Settings, tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes: a local path must be a regular file."""
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    np.testing.assert_array_equal(embed_fn(settings)(str(fifo)), vu.zero_embedding())
+    assert time.monotonic() - started < 30
+
+
+def test_log_lines_stay_one_line_and_binary_columns_read(
+    settings: Settings, clips: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newline in a URL is escaped in the log (no forged second line); a binary URL
+    column is read as UTF-8."""
+    forged = "/nope.mp4\nzero embedding for gs://b/forged.mp4: forged"
+    udf = vu.VideoEmbedding(dataclasses.replace(settings, num_frames=16)).func
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
+        out = udf(pa.array([forged.encode(), str(clips["mp4"]).encode()], pa.binary()))
+    [line] = [r.getMessage() for r in caplog.records if "zero embedding" in r.getMessage()]
+    assert "\n" not in line and line.startswith("zero embedding for /nope.mp4\\x0azero")
+    assert len(out[1].as_py()) == 16

@@ -86,7 +86,7 @@ def _decode_task(
     faults retried until the row's deadline, ``ROW_DEADLINE_S`` from now (noted in
     ``deadlines`` for the waiting thread)."""
     deadline = deadlines[row] = time.monotonic() + settings.row_deadline_s
-    if uri is None:
+    if uri is None or not uri.strip():
         raise BadVideo("no video URL")
     on_device = functools.partial(shrink, p=rt.model.preprocessing, device=rt.model.device)
     return read_with_retries(
@@ -101,26 +101,33 @@ def _decoded(
 ) -> Iterator[tuple[int, torch.Tensor | BadVideo | ObjectFault]]:
     """Yield ``(row, clip or fault)`` as decodes finish. At most one window of decodes is
     running or waiting for the model, which bounds memory. A row still running
-    ``ROW_DEADLINE_S`` after its decode started is given up as an ``ObjectFault``: its
-    thread stops at its next read, and the call does not wait for it."""
+    ``ROW_DEADLINE_S`` after its decode started, or not started twice that long after it
+    was queued (the decode threads held by stalled reads), is given up as an
+    ``ObjectFault``: its thread stops at its next read, and the call does not wait."""
     window = rt.engines.size + settings.embed_batch
     rows = iter(enumerate(uris))
-    running: dict[Future[torch.Tensor], int] = {}
-    deadlines: dict[int, float] = {}
+    running: dict[Future[torch.Tensor], tuple[int, float]] = {}
+    deadlines: dict[int, float] = {}  # set by each decode when it starts
+
+    def deadline(row: int, queued: float) -> float:
+        return deadlines.get(row, queued + 2 * settings.row_deadline_s)
+
     try:
         while True:
             while len(running) < window and (item := next(rows, None)) is not None:
-                running[_submit(rt, item[1], settings, deadlines, item[0])] = item[0]
+                future = _submit(rt, item[1], settings, deadlines, item[0])
+                running[future] = (item[0], time.monotonic())
             if not running:
                 return
-            started = [deadlines[row] for row in running.values() if row in deadlines]
-            timeout = min(started) - time.monotonic() if started else _POLL_S
+            first = min(deadline(*entry) for entry in running.values())
+            timeout = min(first - time.monotonic(), _POLL_S)
             done, _ = wait(running, timeout=max(0.0, timeout), return_when=FIRST_COMPLETED)
             for future in done:
-                yield running.pop(future), _clip_or_fault(future)
-            for future, row in list(running.items()):
-                if row in deadlines and time.monotonic() >= deadlines[row]:
+                yield running.pop(future)[0], _clip_or_fault(future)
+            for future, (row, queued) in list(running.items()):
+                if time.monotonic() >= deadline(row, queued):
                     del running[future]
+                    future.cancel()  # a decode that has not started never will
                     seconds = f"{settings.row_deadline_s:g} s"
                     yield row, ObjectFault(f"no result within ROW_DEADLINE_S ({seconds})")
     finally:
@@ -129,7 +136,8 @@ def _decoded(
 
 
 _POLL_S = 1.0
-"""How often the waiting thread looks again when no running row has started yet."""
+"""How often the waiting thread looks at the deadlines, at most: a decode that starts
+sets its own."""
 
 
 def _submit(

@@ -5,7 +5,9 @@ classified into the row's outcome (``BadVideo``, ``ObjectFault`` or ``SystemFaul
 from __future__ import annotations
 
 import logging
+import os
 import random
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,10 @@ demuxer reads in; a larger one may fetch a block again when the decoder seeks ba
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 1.0
 
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+"""An http(s) request that connects in no 30 s or receives nothing for 60 s fails as a
+transient fault (aiohttp's default lets a request wait 5 minutes)."""
+
 
 def open_video(
     uri: str,
@@ -70,6 +76,8 @@ def open_video(
         fs = fsspec.filesystem(scheme, get_client=PolicyClient(tuple(allowed_prefixes)))
     else:
         fs = fsspec.filesystem(scheme)
+    if scheme == "file":
+        _check_regular_file(fs._strip_protocol(uri))
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     options: dict[str, Any] = {}
     if "gs" in protocols:
@@ -103,6 +111,19 @@ def open_video(
     return file
 
 
+def _check_regular_file(path: str) -> None:
+    """A local path must name a regular file: opening a FIFO blocks until a writer comes,
+    and a device such as ``/dev/zero`` never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadVideo("object does not exist") from None
+    except OSError:
+        return  # the open raises it, as the object fault it is
+    if not stat.S_ISREG(mode):
+        raise BadVideo("not a regular file")
+
+
 @dataclass(frozen=True)
 class PolicyClient:
     """fsspec's ``get_client`` for http(s): an aiohttp session whose connector resolves
@@ -116,7 +137,9 @@ class PolicyClient:
 
     async def __call__(self, **kwargs: Any) -> aiohttp.ClientSession:
         resolver = PolicyResolver(self.allowed_prefixes)
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver), **kwargs)
+        connector = aiohttp.TCPConnector(resolver=resolver)
+        kwargs.setdefault("timeout", HTTP_TIMEOUT)
+        return aiohttp.ClientSession(connector=connector, **kwargs)
 
 
 class StorageReader:
@@ -130,7 +153,17 @@ class StorageReader:
         self.error: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
-        return self._remembering(self._file.read, size)
+        return self._remembering(self._read, size)
+
+    def _read(self, size: int) -> bytes:
+        """``size`` bytes, or up to the end; fewer is a storage fault, not the end of the
+        video: a server that answers a range with 416 gives fsspec no bytes at all."""
+        start = self._file.tell()
+        data = self._file.read(size)
+        total = getattr(self._file, "size", None)
+        if total is not None and size >= 0 and len(data) < min(size, total - start):
+            raise OSError(f"short read: {len(data)} of {min(size, total - start)} bytes at {start}")
+        return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._remembering(self._file.seek, offset, whence)
@@ -213,7 +246,7 @@ def _is_transient(error: BaseException) -> bool:
 def _describe(error: BaseException) -> str:
     """``Type: message``, redacted. Not ``repr``: an HTTP error's repr shows the request
     headers, whose Authorization header carries the URL's credentials."""
-    text = str(error)
+    text = " ".join(str(error).split())  # one line
     return redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 

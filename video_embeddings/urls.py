@@ -39,12 +39,18 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
 _URL_QUERY = re.compile(r"(?i)(\bhttps?://[^?#\s'\"]*)\?[^#\s'\"]*|\?[^?=&#\s'\"]+=[^#\s'\"]*")
 
 
+_ONE_LINE = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+"""Control characters, written as escapes: a URL's newline cannot start a forged log line."""
+
+
 def redact(text: str) -> str:
     """``text`` with the credentials (``user:password@``) and the query strings of the URLs
     in it replaced by ``<redacted>``: a signed URL's signature is in its query string. Used
-    on every URL and storage error that goes into a log line or an exception message."""
+    on every URL and storage error that goes into a log line or an exception message.
+    Control characters are escaped (``\x0a``), so the result is one line."""
     text = _URL_USERINFO.sub(r"\1<redacted>@", text)
-    return _URL_QUERY.sub(lambda m: f"{m[1] or ''}?<redacted>", text)
+    text = _URL_QUERY.sub(lambda m: f"{m[1] or ''}?<redacted>", text)
+    return text.translate(_ONE_LINE)
 
 
 # --- prefixes, compared structurally ------------------------------------------------------
