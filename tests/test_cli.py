@@ -229,6 +229,7 @@ def test_progress_counts_this_runs_videos_from_genevas_job_tracker(
     assert lines[1].startswith("embedding: 5/5 videos, ")
 
 
+@pytest.mark.slow
 def test_index_embeds_every_video_then_nothing_on_a_second_run(
     indexed: tuple[Path, dict[str, Any], str],
     reindexed: tuple[Path, dict[str, Any], str],
@@ -278,6 +279,7 @@ def test_index_embeds_every_video_then_nothing_on_a_second_run(
         assert a["score"] == pytest.approx(e["score"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_stderr_has_only_the_commands_own_lines_unless_verbose(
     indexed: tuple[Path, dict[str, Any], str], reindexed: tuple[Path, dict[str, Any], str]
 ) -> None:
@@ -295,6 +297,7 @@ def test_stderr_has_only_the_commands_own_lines_unless_verbose(
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "max", "weighted", "segment", "none"])
+@pytest.mark.slow
 def test_search_by_row_ranks_by_cosine_of_the_aggregate(
     indexed: tuple[Path, dict[str, Any], str], clip_dir: Path, env: dict[str, str], aggregate: str
 ) -> None:
@@ -308,6 +311,7 @@ def test_search_by_row_ranks_by_cosine_of_the_aggregate(
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "none"])
+@pytest.mark.slow
 def test_search_by_url_embeds_the_query_like_the_table(
     indexed: tuple[Path, dict[str, Any], str], clip_dir: Path, env: dict[str, str], aggregate: str
 ) -> None:
@@ -331,6 +335,7 @@ def thumbnails(pixels: np.ndarray, strip: int) -> list[np.ndarray]:
     return [pixels[top : top + THUMB_H, left : left + THUMB_W] for left in lefts]
 
 
+@pytest.mark.slow
 def test_png_sheet_has_the_query_strip_then_one_per_hit(
     indexed: tuple[Path, dict[str, Any], str], clip_dir: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -380,6 +385,7 @@ class _SheetParser(HTMLParser):
         ]
 
 
+@pytest.mark.slow
 def test_html_sheet_is_self_contained_and_loads_in_chromium(
     indexed: tuple[Path, dict[str, Any], str], clip_dir: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -441,6 +447,7 @@ def test_html_sheet_is_self_contained_and_loads_in_chromium(
         ("bad sheet name", 2, "must end in .png or .html"),
     ],
 )
+@pytest.mark.slow
 def test_errors_are_one_line_with_an_exit_code(
     indexed: tuple[Path, dict[str, Any], str],
     clip_dir: Path,
@@ -474,6 +481,7 @@ def test_errors_are_one_line_with_an_exit_code(
     assert not new_db.exists()
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_fetched_fails_in_seconds(
     clip_dir: Path, env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -46,6 +46,8 @@ from ray_cluster import LoopbackCluster, alive
 import upload_manifest
 from video_embeddings_udf import EMBEDDING_DIM, Settings, aggregate_mean, embedding_column
 
+pytestmark = pytest.mark.slow  # a Ray cluster of three nodes
+
 BUCKET = "videos"
 CLIPS = ["bikes.mp4", "scene_cuts.mp4", "h265_video.mp4", "av1_video.mkv", "carphone_distorted.mp4"]
 MISSING = "bad/missing.mp4"  # never uploaded
