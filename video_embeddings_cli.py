@@ -59,7 +59,10 @@ def _sheet_path(value: str) -> Path:
 
 
 def _positive(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
     return number
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "index" and args.manifest and not args.cluster:
         parser.error("--manifest needs --cluster")
     _setup_output(verbose=args.verbose, starts_ray=args.command == "index")
+    # Under `uv run`, Ray would rebuild the uv environment for each worker, and refuses a
+    # project outside the working directory: the local workers use this environment.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
     from video_embeddings_table import UserError
 

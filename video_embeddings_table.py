@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -108,8 +109,21 @@ class UserError(Exception):
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    """The error's last line, without colour codes: a job's error from Ray carries the
+    remote traceback before its own message."""
+    lines = [line for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return " ".join(lines[-1].split()) if lines else type(error).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _env_settings() -> Settings:
+    """The settings of the environment; a bad value is the user's to fix."""
+    try:
+        return Settings.from_env()
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 # --- find the videos --------------------------------------------------------------------
@@ -175,7 +189,10 @@ def _stored_settings(ds: lance.LanceDataset) -> Settings | None:
     raw = (ds.schema.metadata or {}).get(SETTINGS_KEY.encode())
     if raw is None:
         return None
-    return Settings.from_output_defining(json.loads(raw))
+    try:
+        return Settings.from_output_defining(json.loads(raw))
+    except ValueError as e:  # a bad runtime knob in this environment
+        raise UserError(str(e)) from e
 
 
 def _table_schema(settings: Settings) -> pa.Schema:
@@ -272,6 +289,19 @@ def _check_model(model: str, *, hub_timeout_s: float = 10.0) -> None:
             "the Hugging Face hub cannot be reached and the model is not in its cache"
         ) from e
     load_config()
+
+
+def _check_frames(settings: Settings) -> None:
+    """NUM_FRAMES must be a whole number of the model's tubelets: say so before writing
+    anything, not from every worker of the job."""
+    from transformers import AutoConfig
+
+    tubelet = int(getattr(AutoConfig.from_pretrained(settings.model), "tubelet_size", 1))
+    if settings.num_frames % tubelet:
+        raise UserError(
+            f"NUM_FRAMES ({settings.num_frames}) must be a multiple of the model's tubelet "
+            f"size ({tubelet})"
+        )
 
 
 def _local_resources() -> dict[str, Any]:
@@ -397,7 +427,7 @@ def _bad_video_reason(uri: str, settings: Settings) -> str:
     try:
         decode_frames(
             uri,
-            num_frames=1,
+            num_frames=settings.num_frames,
             block_size=settings.block_size,
             allowed_prefixes=settings.allowed_uri_prefixes,
             max_bytes=settings.max_video_bytes,
@@ -439,11 +469,12 @@ def index(
     _check_db(db_path, for_search=False)
     tbl = _existing_table(db_path, table)
     stored = _stored_settings(tbl.to_lance()) if tbl is not None else None
-    settings = stored or Settings.from_env()
+    settings = stored or _env_settings()
     new, pending = _new_and_pending(tbl, settings, found.videos)
     zeros = _zero_rows(tbl.to_lance(), settings) if retry_zeros and tbl is not None else {}
     if (pending or zeros) and cluster is None:
         _check_model(settings.model)  # before anything is written
+        _check_frames(settings)
 
     db = geneva.connect(db_path)
     if tbl is None:
@@ -646,7 +677,7 @@ def _embed_query(uri: str, settings: Settings) -> np.ndarray:
 def _query_settings(ds: lance.LanceDataset) -> Settings:
     """The table's settings; ``VJEPA_MODEL``, when set, says where to load that model
     from on this machine (a local copy of the checkpoint the table was indexed with)."""
-    env = Settings.from_env()
+    env = _env_settings()
     stored = _stored_settings(ds)
     if stored is None:
         logger.warning("the table has no stored settings; using the environment's")

@@ -94,7 +94,7 @@ def decode_frames(
     uri: str,
     *,
     num_frames: int,
-    block_size: int,
+    block_size: int = Settings.block_size,
     allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_URI_PREFIXES,
     max_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
