@@ -26,6 +26,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from video_embeddings.decode import decode_with
 from video_embeddings.settings import granted_cpus
 from video_embeddings_sheet import Undecodable, draw_sheet, read_thumbnails
 from video_embeddings_udf import (
@@ -39,7 +40,6 @@ from video_embeddings_udf import (
     aggregate_mean,
     aggregate_segment,
     aggregate_weighted,
-    decode_frames,
     embedding_column,
     failed_rows,
     matrices,
@@ -425,14 +425,7 @@ def _bad_video_reason(uri: str, settings: Settings) -> str:
     """Why a video got the zero tensor, found again on this machine by the UDF's own
     decode (the worker that embedded it logged the same reason)."""
     try:
-        decode_frames(
-            uri,
-            num_frames=settings.num_frames,
-            block_size=settings.block_size,
-            allowed_prefixes=settings.allowed_uri_prefixes,
-            max_bytes=settings.max_video_bytes,
-            max_pixels=settings.max_pixels,
-        )
+        decode_with(settings, uri)
     except BadVideo as e:
         return str(e)
     except Exception as e:

@@ -25,7 +25,14 @@ from video_embeddings.urls import redact
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FRAME_CHUNK_BYTES", "NVDEC_STREAMS", "DecodeEngines", "decode_frames", "sample_indices"]
+__all__ = [
+    "FRAME_CHUNK_BYTES",
+    "NVDEC_STREAMS",
+    "DecodeEngines",
+    "decode_frames",
+    "decode_with",
+    "sample_indices",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +141,20 @@ def decode_frames(
             raise BadVideo(" ".join(str(e).split())) from e  # one log line
 
 
+def decode_with(settings: Settings, uri: str, **options: Any) -> torch.Tensor:
+    """``decode_frames`` with the frame count, block size, URL policy and size limits of
+    ``settings``; ``options`` are ``device``, ``shrink`` and ``deadline``."""
+    return decode_frames(
+        uri,
+        num_frames=settings.num_frames,
+        block_size=settings.block_size,
+        allowed_prefixes=settings.allowed_uri_prefixes,
+        max_bytes=settings.max_video_bytes,
+        max_pixels=settings.max_pixels,
+        **options,
+    )
+
+
 def _check_frame_size(metadata: Any, max_pixels: int) -> None:
     """Refuse, from the stream's header, frames larger than MAX_PIXELS."""
     width, height = metadata.width or 0, metadata.height or 0
@@ -164,29 +185,15 @@ class DecodeEngines:
         try:
             if device == "cuda":
                 try:
-                    return self._decode(uri, settings, shrink, "cuda", deadline)
+                    return decode_with(
+                        settings, uri, device="cuda", shrink=shrink, deadline=deadline
+                    )
                 except BadVideo as e:
                     self._note_nvdec_failure(uri, e, settings)
-            return self._decode(uri, settings, shrink, "cpu", deadline)
+            return decode_with(settings, uri, device="cpu", shrink=shrink, deadline=deadline)
         finally:
             if not (device == "cuda" and self._nvdec_missing):
                 self._free.put(device)
-
-    @staticmethod
-    def _decode(
-        uri: str, settings: Settings, shrink: Callable[..., Any], device: str, deadline: float
-    ) -> Any:
-        return decode_frames(
-            uri,
-            num_frames=settings.num_frames,
-            block_size=settings.block_size,
-            allowed_prefixes=settings.allowed_uri_prefixes,
-            max_bytes=settings.max_video_bytes,
-            max_pixels=settings.max_pixels,
-            device=device,
-            shrink=shrink,
-            deadline=deadline,
-        )
 
     def _note_nvdec_failure(self, uri: str, error: BadVideo, settings: Settings) -> None:
         if "Unsupported device" not in str(error):

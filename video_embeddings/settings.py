@@ -171,23 +171,22 @@ class Settings:
 
 
 def _int_setting(env: Mapping[str, str], name: str, default: int | None) -> Any:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise ValueError(f"Invalid {name} ({raw!r}). It must be an integer.") from e
+    return _number_setting(env, name, default, int, "an integer")
 
 
 def _float_setting(env: Mapping[str, str], name: str, default: float) -> float:
+    return float(_number_setting(env, name, default, float, "a number"))
+
+
+def _number_setting(env: Mapping[str, str], name: str, default: Any, kind: type, what: str) -> Any:
+    """``kind(env[name])``; unset or empty keeps ``default``."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError as e:
-        raise ValueError(f"Invalid {name} ({raw!r}). It must be a number.") from e
+        raise ValueError(f"Invalid {name} ({raw!r}). It must be {what}.") from e
 
 
 def _bool_setting(env: Mapping[str, str], name: str, default: bool) -> bool:
