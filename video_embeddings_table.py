@@ -563,15 +563,13 @@ def _zero_rows(ds: lance.LanceDataset, settings: Settings) -> dict[int, str]:
 def object_faults(tbl: geneva.table.Table, settings: Settings) -> dict[str, str]:
     """URL → reason for every row whose embedding an object fault left NULL: the latest
     of Geneva's error records for the row."""
-    rows = failed_rows(tbl, settings.embedding_col)
-    if not rows:
+    latest = failed_rows(tbl, settings.embedding_col)
+    if not latest:
         return {}
-    records = sorted(tbl.get_errors(column_name=settings.embedding_col), key=lambda e: e.timestamp)
-    latest = {e.row_address: e for e in records}
     ds = tbl.to_lance()
     table = ds.to_table(
         columns=[settings.video_uri_col],
-        filter=f"_rowaddr IN ({', '.join(map(str, rows))})",
+        filter=f"_rowaddr IN ({', '.join(map(str, latest))})",
         with_row_address=True,
     )
     return {

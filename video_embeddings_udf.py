@@ -120,18 +120,21 @@ class VideoEmbedding:
 
     def __call__(self, video_uri: pa.Array) -> pa.Array:
         uris = self._uris(video_uri)
-        return self._column([str(u) for u in uris], self._outcomes(uris))
-
-    def _outcomes(self, uris: list[str | None]) -> list[np.ndarray | BadVideo | ObjectFault]:
-        """Each row's outcome: kept from the failed call Geneva is bisecting, else
-        computed, and counted by the skip budget (which raises on an outage)."""
         keys = [str(u) for u in uris]
+        return self._column(keys, self._outcomes(uris, keys))
+
+    def _outcomes(
+        self, uris: list[str | None], keys: list[str]
+    ) -> list[np.ndarray | BadVideo | ObjectFault]:
+        """Each row's outcome, by its ``keys``: kept from the failed call Geneva is
+        bisecting, else computed, and counted by the skip budget (which raises on an
+        outage)."""
         if not all(k in self._isolating for k in keys):
             self._isolating.clear()  # a new batch: the last one's isolation is over
-        todo = [u for u, k in zip(uris, keys, strict=True) if k not in self._isolating]
-        fresh = embed_videos(todo, self._ready(), self.settings) if todo else []
+        todo = {k: u for u, k in zip(uris, keys, strict=True) if k not in self._isolating}
+        fresh = embed_videos(list(todo.values()), self._ready(), self.settings) if todo else []
         self._budget.record(fresh)
-        computed = dict(zip(map(str, todo), fresh, strict=True))
+        computed = dict(zip(todo, fresh, strict=True))
         return [computed[k] if k in computed else self._isolating[k] for k in keys]
 
     def _column(
@@ -197,14 +200,16 @@ def mean_vector_udf() -> UDF:
     return udf(data_type=VECTOR_TYPE, num_cpus=1)(mean_vectors)
 
 
-def failed_rows(tbl: Table, column: str) -> list[int]:
-    """Row addresses of ``column`` that Geneva's error records list as failed (object
-    faults) and that are still NULL, in ascending order."""
-    recorded = {e.row_address for e in _errors(tbl, column) if e.row_address is not None}
-    if not recorded:
-        return []
+def failed_rows(tbl: Table, column: str) -> dict[int, Any]:
+    """The rows of ``column`` that Geneva's error records list as failed (object faults)
+    and that are still NULL: row address → the row's latest error record (its
+    ``error_type``, ``error_message``, ``timestamp``), in ascending address order."""
+    records = sorted(_errors(tbl, column), key=lambda e: e.timestamp)
+    latest = {e.row_address: e for e in records if e.row_address is not None}
+    if not latest:
+        return {}
     nulls = tbl.to_lance().to_table(columns=[], filter=f"{column} IS NULL", with_row_address=True)
-    return sorted(recorded.intersection(nulls["_rowaddr"].to_pylist()))
+    return {row: latest[row] for row in sorted(set(latest) & set(nulls["_rowaddr"].to_pylist()))}
 
 
 def _errors(tbl: Table, column: str) -> list[Any]:
@@ -219,7 +224,7 @@ def retry_failed(tbl: Table, column: str, **backfill_options: Any) -> int:
     """Backfill ``column`` again on the rows ``failed_rows`` lists, the way Geneva
     documents it (``get_errors``, then ``backfill(where="_rowaddr IN (...)")``), and
     return how many rows were tried. ``backfill_options`` go to ``Table.backfill``."""
-    rows = failed_rows(tbl, column)
+    rows = list(failed_rows(tbl, column))
     if rows:
         logger.info("retrying %d rows of %s that could not be read", len(rows), column)
         tbl.backfill(column, where=rows_filter(rows, f"{column} IS NULL"), **backfill_options)
