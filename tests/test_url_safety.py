@@ -229,6 +229,18 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(video_embeddings.storage, "RETRY_BASE_DELAY_S", 0.0)
 
 
+def zero_tensor_lines(settings: Settings, uri: str, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Embed ``uri`` (which must give the zero tensor) and return the package's log lines
+    of that call alone: the model is loaded first, since its load logs a line of its own."""
+    fn = embed_fn(settings)
+    fn.udf._ready()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
+        out = fn(uri)
+    assert np.array_equal(out, vu.zero_embedding())
+    return [r.getMessage() for r in caplog.records if r.name.startswith("video_embeddings")]
+
+
 def test_refused_url_gets_zero_tensor_one_log_line_and_no_connection(
     settings: Settings, listener: Listener, no_backoff: None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -236,13 +248,7 @@ def test_refused_url_gets_zero_tensor_one_log_line_and_no_connection(
     at that address sees no connection. The same URL, explicitly allowed, does connect
     (4 times: the dropped connection is a transient fault, retried, then raised)."""
     uri = f"{listener.endpoint}/video.mp4"
-    fn = embed_fn(settings)
-    fn.udf._ready()  # the model's load logs its own line first
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
-        out = fn(uri)
-    assert np.array_equal(out, vu.zero_embedding())
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("video_embeddings")] == [
+    assert zero_tensor_lines(settings, uri, caplog) == [
         f"zero embedding for {uri}: URL not allowed: host 127.0.0.1 is loopback (127.0.0.1); "
         "list its prefix in ALLOWED_URI_PREFIXES to allow it"
     ]
@@ -321,13 +327,7 @@ def test_dns_rebinding_is_refused_at_connect_time(
     sees no connection."""
     dns.answers = ["93.184.216.34", "127.0.0.1"]
     uri = rebind_url(listener)
-    fn = embed_fn(settings)
-    fn.udf._ready()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="video_embeddings"):
-        out = fn(uri)
-    assert np.array_equal(out, vu.zero_embedding())
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("video_embeddings")] == [
+    assert zero_tensor_lines(settings, uri, caplog) == [
         f"zero embedding for {uri}: URL not allowed: host {REBIND} resolved to 127.0.0.1 "
         "(loopback) at connect time"
     ]
