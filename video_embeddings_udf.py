@@ -131,10 +131,10 @@ class VideoEmbedding:
         outage)."""
         if not all(k in self._isolating for k in keys):
             self._isolating.clear()  # a new batch: the last one's isolation is over
-        todo = {k: u for u, k in zip(uris, keys, strict=True) if k not in self._isolating}
-        fresh = embed_videos(list(todo.values()), self._ready(), self.settings) if todo else []
+        todo = [(k, u) for u, k in zip(uris, keys, strict=True) if k not in self._isolating]
+        fresh = embed_videos([u for _, u in todo], self._ready(), self.settings) if todo else []
         self._budget.record(fresh)
-        computed = dict(zip(todo, fresh, strict=True))
+        computed = dict(zip((k for k, _ in todo), fresh, strict=True))
         return [computed[k] if k in computed else self._isolating[k] for k in keys]
 
     def _column(
