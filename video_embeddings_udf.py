@@ -31,7 +31,8 @@ from video_embeddings.aggregate import (
     aggregate_segment,
     aggregate_weighted,
 )
-from video_embeddings.decode import decode_frames, sample_indices
+from video_embeddings.decode import decode_frames
+from video_embeddings.frames import sample_indices
 from video_embeddings.model import embed, pool_to_frames
 from video_embeddings.outcomes import BadVideo, ObjectFault, OutageBudget, SystemFault
 from video_embeddings.pipeline import Runtime, embed_videos, load_runtime

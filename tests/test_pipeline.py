@@ -15,7 +15,7 @@ from conftest import embed_fn
 from transformers import AutoVideoProcessor
 from transformers.models.vjepa2 import VJEPA2VideoProcessor
 
-import video_embeddings.decode
+import video_embeddings.frames
 import video_embeddings_udf as vu
 from video_embeddings.decode import DecodeEngines
 from video_embeddings.outcomes import SystemFault
@@ -73,7 +73,7 @@ def test_frames_are_shrunk_a_chunk_at_a_time(
     video = str(shared_videos / "nasa_13013.mp4")
     whole = vu.decode_frames(video, num_frames=16, block_size=1 << 24)
     assert tuple(whole.shape[-2:]) == (270, 480)
-    monkeypatch.setattr(video_embeddings.decode, "FRAME_CHUNK_BYTES", 3 * 3 * 480 * 270)
+    monkeypatch.setattr(video_embeddings.frames, "FRAME_CHUNK_BYTES", 3 * 3 * 480 * 270)
     seen: list[int] = []
 
     def record(frames: torch.Tensor) -> torch.Tensor:

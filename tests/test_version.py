@@ -9,7 +9,12 @@ import pickle
 import pytest
 
 from video_embeddings.settings import RUNTIME_KNOBS, Settings
-from video_embeddings.version import PIPELINE_CODE_SHA256, pipeline_code_sha256, udf_version
+from video_embeddings.version import (
+    PIPELINE_CODE_SHA256,
+    PIPELINE_VERSION,
+    pipeline_code_sha256,
+    udf_version,
+)
 from video_embeddings_udf import VideoEmbedding, embedding_column
 
 
@@ -57,7 +62,7 @@ def test_runtime_knobs_change_neither_version() -> None:
 def test_embedding_column_carries_the_explicit_version() -> None:
     settings = Settings(num_frames=16)
     (udf, columns), *_ = embedding_column(settings).values()
-    assert udf.version == udf_version(settings) and udf.version.startswith("v2-")
+    assert udf.version == udf_version(settings) and udf.version.startswith(f"v{PIPELINE_VERSION}-")
     assert columns == [settings.video_uri_col]
 
 

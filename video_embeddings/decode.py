@@ -1,22 +1,32 @@
-"""Sampling and decoding: which frames a video gives the model, decoded by torchcodec on
-the CPU or on NVDEC, and shrunk to the model's input as they are decoded."""
+"""Decoding a video's sampled frames: by seeking through an MP4's index, by torchcodec's
+exact scan, or front to back with PyAV, whichever gives FFmpeg's own frames for the file;
+on the CPU or on NVDEC, and shrunk to the model's input as they are decoded."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import queue
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from video_embeddings.frames import in_order, sample_indices, sample_times, shrink_in_runs
 from video_embeddings.outcomes import BadVideo, SystemFault, is_system_fault
+from video_embeddings.sequential import (
+    ISO_MEDIA,
+    Probe,
+    decode_sequential,
+    is_fallback_error,
+    needs_sequential,
+    probe,
+    rotate,
+)
 from video_embeddings.settings import (
     DEFAULT_ALLOWED_URI_PREFIXES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VIDEO_BYTES,
-    MIB,
+    KIB,
     Settings,
 )
 from video_embeddings.storage import StorageReader, open_video
@@ -26,32 +36,169 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "FRAME_CHUNK_BYTES",
     "NVDEC_STREAMS",
+    "SEEK_BLOCK_SIZE",
     "DecodeEngines",
     "decode_frames",
     "decode_with",
-    "sample_indices",
 ]
 
 logger = logging.getLogger(__name__)
-
-FRAME_CHUNK_BYTES = 64 * MIB
-"""Full-resolution frames one decode thread holds at once: each chunk is shrunk to the
-model's crop before the next is decoded."""
 
 NVDEC_STREAMS = 8
 """Clips decoded at once on NVDEC: torchcodec's direct backend peaked at 8 threads on an
 H100 (27.5 clips/s, docs/performance.md)."""
 
+SEEK_BLOCK_SIZE = 256 * KIB
+"""Read size for a video read in part: each sampled frame needs the bytes from its key
+frame on, a few hundred KiB at 2 s between key frames; larger blocks read more of what
+lies between (docs/reading.md has the figures)."""
 
-def sample_indices(num_video_frames: int, num_frames: int) -> list[int]:
-    """``round(linspace(0, n - 1, num_frames))``: spread over the whole video, repeating
-    frames when the video is shorter than ``num_frames``. Raises ``BadVideo`` for a
-    stream without frames."""
-    if num_video_frames < 1:
-        raise BadVideo("video stream has no frames")
-    return np.round(np.linspace(0, num_video_frames - 1, num_frames)).astype(int).tolist()
+Shrink = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+def decode_frames(
+    uri: str,
+    *,
+    num_frames: int,
+    block_size: int = Settings.block_size,
+    allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_URI_PREFIXES,
+    max_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str = "cpu",
+    shrink: Shrink | None = None,
+    deadline: float | None = None,
+) -> torch.Tensor:
+    """Stream ``uri`` into a decoder and return its sampled frames, ``(T, C, H, W)`` uint8
+    (``T = num_frames``), upright (the stream's display matrix applied) and passed run by
+    run through ``shrink`` when given: what the model sees, to debug an embedding.
+
+    In an MP4/MOV, which records every frame's duration, the frames are those on screen
+    at ``sample_times``: uniform in presentation time. Elsewhere they are the frames at
+    ``sample_indices``, ``round(linspace(0, n - 1, T))`` of the ``n`` frames; at a
+    constant frame rate both are the same frames. Three decodes, chosen by container and
+    stream (``sequential.probe``):
+
+    - an MP4/MOV whose header indexes every frame and that is larger than ``block_size``
+      is read in part: torchcodec seeks through the container's index to each frame
+      (``seek_mode="approximate"``), reading ``SEEK_BLOCK_SIZE`` blocks; if that fails,
+      the video is read whole as below;
+    - MPEG-TS/PS, Ogg, raw streams, B-frames in AVI and timestamps shared by frames are
+      decoded front to back by ``sequential.decode_sequential``, which counts frames
+      instead of trusting timestamps;
+    - anything else is scanned whole by torchcodec (``seek_mode="exact"``), and decoded
+      front to back after all when torchcodec fails on it (``FALLBACK_ERRORS``: a damaged
+      packet, a size change).
+
+    One attempt, no retries. Raises ``BadVideo`` for a video that cannot be processed
+    (undecodable, no video stream, frames over ``max_pixels``, object over ``max_bytes``,
+    a URL ``allowed_prefixes`` refuses), ``SystemFault`` for exhausted memory, a CUDA
+    error or a missing FFmpeg, and a storage error (``FileNotFoundError``,
+    ``PermissionError``, ``TimeoutError``, an HTTP error) as the filesystem raised it.
+    Past ``deadline`` (``time.monotonic()`` seconds) reads raise ``ObjectFault``.
+
+    A header that declares a huge frame count or duration changes nothing: the header is
+    trusted only where its frame count equals its index's, and the exact scan counts the
+    frames that exist. A frame larger than ``max_pixels`` is refused before any is
+    decoded."""
+    video_decoder = _video_decoder_class()
+    options: dict[str, Any] = {
+        "allowed_prefixes": allowed_prefixes, "max_bytes": max_bytes, "deadline": deadline
+    }  # fmt: skip
+    with _reading(uri, block_size, **options) as reader:
+        if reader.size <= block_size:
+            return _decode_whole(video_decoder, reader, num_frames, max_pixels, device, shrink)
+    with _reading(uri, min(block_size, SEEK_BLOCK_SIZE), **options) as reader:
+        p = _probe(reader, max_pixels)
+        if p.indexed and not needs_sequential(p):
+            try:
+                decoder = _new_decoder(video_decoder, reader, device, "approximate")
+                return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
+            except BadVideo as e:  # the whole read decides
+                logger.info("reading %s whole: seeking failed (%s)", redact(uri), e)
+    with _reading(uri, block_size, **options) as reader:
+        return _decode_whole(video_decoder, reader, num_frames, max_pixels, device, shrink)
+
+
+@contextmanager
+def _reading(
+    uri: str,
+    block_size: int,
+    *,
+    allowed_prefixes: Sequence[str],
+    max_bytes: int,
+    deadline: float | None,
+) -> Iterator[StorageReader]:
+    """``uri`` opened for reading in ``block_size`` blocks, through a ``StorageReader``."""
+    with open_video(
+        uri, block_size=block_size, allowed_prefixes=allowed_prefixes, max_bytes=max_bytes
+    ) as file:
+        yield StorageReader(file, deadline=deadline)
+
+
+def _decode_whole(
+    video_decoder: type,
+    reader: StorageReader,
+    num_frames: int,
+    max_pixels: int,
+    device: str,
+    shrink: Shrink | None,
+) -> torch.Tensor:
+    """The sampled frames of a video read from its start: front to back where
+    ``needs_sequential`` or torchcodec's scan fails, else by torchcodec's exact scan."""
+    p = _probe(reader, max_pixels)
+    if not needs_sequential(p):
+        try:
+            decoder = _new_decoder(video_decoder, reader, device, "exact")
+            return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
+        except BadVideo as e:
+            if not is_fallback_error(e):
+                raise
+        reader.seek(0)
+    return decode_sequential(reader, num_frames=num_frames, shrink=shrink, max_pixels=max_pixels)
+
+
+def _probe(reader: StorageReader, max_pixels: int) -> Probe:
+    """``sequential.probe``, with a failed read raised as the storage error it was."""
+    try:
+        return probe(reader, max_pixels=max_pixels)
+    except BadVideo:
+        if reader.error is not None:
+            raise reader.error from None
+        raise
+
+
+def _decode_sampled(
+    decoder: Any,
+    reader: StorageReader,
+    p: Probe,
+    num_frames: int,
+    max_pixels: int,
+    shrink: Shrink | None,
+) -> torch.Tensor:
+    """The sampled frames from torchcodec's ``decoder`` over ``reader``, turned upright as
+    ``p`` says and shrunk run by run: those on screen at ``sample_times`` in an MP4/MOV,
+    which records every frame's duration, else those at ``sample_indices``."""
+    try:
+        meta = decoder.metadata
+        _check_frame_size(meta, max_pixels)
+        count = meta.num_frames or 0
+        if p.format_name == ISO_MEDIA:
+            begin, end = meta.begin_stream_seconds, meta.end_stream_seconds
+            keys: list[Any] = sample_times(begin, end, count, num_frames)
+            frame_at = decoder.get_frame_played_at
+        else:
+            keys, frame_at = sample_indices(count, num_frames), decoder.get_frame_at
+        upright = (
+            (key, rotate(frame_at(key).data, p.rotation, p.hflip)) for key in sorted(set(keys))
+        )
+        return in_order(shrink_in_runs(upright, shrink), keys)
+    except (ValueError, RuntimeError, IndexError) as e:
+        if reader.error is not None:
+            raise reader.error from None
+        if is_system_fault(e):
+            raise SystemFault(" ".join(str(e).split())) from e
+        raise BadVideo(" ".join(str(e).split())) from e  # one log line
 
 
 def _video_decoder_class() -> type:
@@ -66,79 +213,26 @@ def _video_decoder_class() -> type:
         ) from None
 
 
-def _new_decoder(video_decoder: type, source: StorageReader, device: str) -> Any:
-    """``seek_mode="exact"`` scans the container once, so the frame count and the frames
-    are right on MKV/WebM without a duration and on variable-frame-rate files. On CUDA,
-    torchcodec's direct NVDEC backend ("beta") keeps pace with the model; its default
-    FFmpeg CUDA path does not (docs/performance.md)."""
-    if device == "cpu":
-        return video_decoder(source, seek_mode="exact")
-    from torchcodec.decoders import set_cuda_backend
+def _new_decoder(video_decoder: type, source: StorageReader, device: str, seek_mode: str) -> Any:
+    """torchcodec's decoder over ``source``. ``seek_mode="exact"`` scans the container
+    once, so the frame count and timestamps are right on MKV/WebM without a duration and
+    on variable-frame-rate files; ``"approximate"`` trusts the header, for an indexed MP4.
+    On CUDA, torchcodec's direct NVDEC backend ("beta") keeps pace with the model; its
+    default FFmpeg CUDA path does not (docs/performance.md). Errors as torchcodec raises
+    them."""
+    try:
+        if device == "cpu":
+            return video_decoder(source, seek_mode=seek_mode)
+        from torchcodec.decoders import set_cuda_backend
 
-    with set_cuda_backend("beta"):
-        return video_decoder(source, seek_mode="exact", device=device)
-
-
-def _frames_in_chunks(
-    decoder: Any, indices: list[int], shrink: Callable[[torch.Tensor], torch.Tensor] | None
-) -> torch.Tensor:
-    """Decode ``indices`` a chunk at a time, shrinking each chunk before the next, so a
-    thread never holds more than ``FRAME_CHUNK_BYTES`` of full-resolution frames (or one
-    frame, if a frame is larger)."""
-    import torch
-
-    meta = decoder.metadata
-    frame_bytes = 3 * (meta.width or 1) * (meta.height or 1)
-    step = max(1, FRAME_CHUNK_BYTES // frame_bytes)
-    parts = []
-    for start in range(0, len(indices), step):
-        frames = decoder.get_frames_at(indices[start : start + step]).data
-        parts.append(shrink(frames) if shrink else frames)
-    return torch.cat(parts)
-
-
-def decode_frames(
-    uri: str,
-    *,
-    num_frames: int,
-    block_size: int = Settings.block_size,
-    allowed_prefixes: Sequence[str] = DEFAULT_ALLOWED_URI_PREFIXES,
-    max_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    device: str = "cpu",
-    shrink: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    deadline: float | None = None,
-) -> torch.Tensor:
-    """Stream ``uri`` into torchcodec on ``device`` and return its sampled frames,
-    ``(T, C, H, W)`` uint8 as decoded (``T = num_frames``), passed chunk by chunk
-    through ``shrink`` when given: what the model sees, to debug an embedding.
-
-    One attempt, no retries. Raises ``BadVideo`` for a video that cannot be processed
-    (undecodable, no video stream, frames over ``max_pixels``, object over ``max_bytes``,
-    a URL ``allowed_prefixes`` refuses), ``SystemFault`` for exhausted memory, a CUDA
-    error or a missing FFmpeg, and a storage error (``FileNotFoundError``,
-    ``PermissionError``, ``TimeoutError``, an HTTP error) as the filesystem raised it.
-    Past ``deadline`` (``time.monotonic()`` seconds) reads raise ``ObjectFault``.
-
-    A header that declares a huge frame count or duration changes nothing: the exact scan
-    counts the frames that exist, and only those are sampled. A frame larger than
-    ``max_pixels`` is refused before any is decoded."""
-    video_decoder = _video_decoder_class()
-    with open_video(
-        uri, block_size=block_size, allowed_prefixes=allowed_prefixes, max_bytes=max_bytes
-    ) as file:
-        reader = StorageReader(file, deadline=deadline)
-        try:
-            decoder = _new_decoder(video_decoder, reader, device)
-            _check_frame_size(decoder.metadata, max_pixels)
-            indices = sample_indices(decoder.metadata.num_frames or 0, num_frames)
-            return _frames_in_chunks(decoder, indices, shrink)
-        except (ValueError, RuntimeError) as e:
-            if reader.error is not None:
-                raise reader.error from None
-            if is_system_fault(e):
-                raise SystemFault(" ".join(str(e).split())) from e
-            raise BadVideo(" ".join(str(e).split())) from e  # one log line
+        with set_cuda_backend("beta"):
+            return video_decoder(source, seek_mode=seek_mode, device=device)
+    except (ValueError, RuntimeError) as e:
+        if source.error is not None:
+            raise source.error from None
+        if is_system_fault(e):
+            raise SystemFault(" ".join(str(e).split())) from e
+        raise BadVideo(" ".join(str(e).split())) from e
 
 
 def decode_with(settings: Settings, uri: str, **options: Any) -> torch.Tensor:

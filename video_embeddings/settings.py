@@ -30,7 +30,8 @@ EMBEDDING_DIM = 1024
 """Width of every output row: the hidden size of V-JEPA2 ViT-L."""
 
 DEFAULT_MODEL = "facebook/vjepa2-vitl-fpc64-256"
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
 
 DEFAULT_ALLOWED_URI_PREFIXES = (
     "gs://",

@@ -152,6 +152,11 @@ class StorageReader:
         self._deadline = deadline
         self.error: BaseException | None = None
 
+    @property
+    def size(self) -> int:
+        """The object's size in bytes (``open_video`` refuses one of unknown size)."""
+        return int(self._file.size)  # type: ignore[attr-defined]
+
     def read(self, size: int = -1) -> bytes:
         return self._remembering(self._read, size)
 

@@ -13,23 +13,34 @@ import hashlib
 import inspect
 import json
 
-from video_embeddings import decode, model, preprocess, rows
+from video_embeddings import decode, frames, model, preprocess, rows, sequential
 from video_embeddings.settings import Settings
 
 __all__ = ["PIPELINE_CODE_SHA256", "PIPELINE_VERSION", "pipeline_code_sha256", "udf_version"]
 
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 """Bump it, and update ``PIPELINE_CODE_SHA256``, whenever the rows a video gets change:
 sampling, decoding, preprocessing, the model call or the pooling."""
 
-PIPELINE_CODE_SHA256 = "9f2ac4115af353f5286d5769f3d6c7da4ee12dffd89e8229235fc7d9f3397a8b"
+PIPELINE_CODE_SHA256 = "4eb4e2f4cebdcc95d02d5dfaff6f38987827d6c9837f5de2f9bbbda810f40006"
 """``pipeline_code_sha256()`` when ``PIPELINE_VERSION`` was last set."""
 
 _OUTPUT_CODE = (
-    decode.sample_indices,
-    decode._new_decoder,
-    decode._frames_in_chunks,
+    frames.sample_indices,
+    frames.sample_times,
+    frames.shrink_in_runs,
+    frames.in_order,
     decode.decode_frames,
+    decode._decode_whole,
+    decode._decode_sampled,
+    decode._new_decoder,
+    sequential.probe,
+    sequential.needs_sequential,
+    sequential.rotate,
+    sequential.decode_sequential,
+    sequential._wanted,
+    sequential._rgb,
+    sequential._orientation,
     preprocess.Preprocessing.from_processor,
     preprocess._resized_shape,
     preprocess.shrink,

@@ -1,0 +1,99 @@
+"""Which frames of a video the model sees, and how decoded frames are held on their way to
+the model's size: a bounded run of full-size frames at a time, each run of one size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from video_embeddings.outcomes import BadVideo
+from video_embeddings.settings import MIB
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "FRAME_CHUNK_BYTES",
+    "in_order",
+    "sample_indices",
+    "sample_times",
+    "shrink_in_runs",
+]
+
+K = TypeVar("K", bound=Hashable)
+
+FRAME_CHUNK_BYTES = 64 * MIB
+"""Full-resolution frames one decode thread holds at once: each run is shrunk to the
+model's crop before the next frame is kept (or one frame, if a frame is larger)."""
+
+
+def sample_indices(num_video_frames: int, num_frames: int) -> list[int]:
+    """``round(linspace(0, n - 1, num_frames))``: spread over the whole video, repeating
+    frames when the video is shorter than ``num_frames``. Raises ``BadVideo`` for a
+    stream without frames."""
+    if num_video_frames < 1:
+        raise BadVideo("video stream has no frames")
+    return np.round(np.linspace(0, num_video_frames - 1, num_frames)).astype(int).tolist()
+
+
+def sample_times(begin: float, end: float, num_video_frames: int, num_frames: int) -> list[float]:
+    """Presentation times, in seconds, of the frames to sample from a stream shown from
+    ``begin`` to ``end`` with ``num_video_frames`` frames: ``[begin, end)`` cut into that
+    many equal slots, and the middle of slot ``i`` for each ``i`` of ``sample_indices``.
+
+    Uniform in presentation time: on a variable-frame-rate video the frames are those on
+    screen at evenly spaced times. At a constant frame rate slot ``i`` is frame ``i``'s
+    display interval, so these are exactly the frames ``sample_indices`` picks. Raises
+    ``BadVideo`` for a stream without frames or without a positive duration."""
+    indices = sample_indices(num_video_frames, num_frames)
+    if not end > begin:
+        raise BadVideo(f"video stream has no duration (from {begin} s to {end} s)")
+    slot = (end - begin) / num_video_frames
+    return [begin + (i + 0.5) * slot for i in indices]
+
+
+def shrink_in_runs(
+    frames: Iterable[tuple[K, torch.Tensor]],
+    shrink: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> dict[K, torch.Tensor]:
+    """``(key, (C, H, W) frame)`` pairs → ``{key: shrink(frame)}``, ``shrink`` called on
+    ``(N, C, H, W)`` runs of consecutive frames of one size, at most
+    ``FRAME_CHUNK_BYTES`` of them (or one frame), so that frames of any size, a size
+    change mid-stream included, are each resized from their own size and few are held at
+    full size. Without ``shrink`` the frames are kept as they are."""
+    import torch
+
+    kept: dict[K, torch.Tensor] = {}
+    run: list[tuple[K, torch.Tensor]] = []
+
+    def flush() -> None:
+        stacked = torch.stack([frame for _, frame in run])
+        shrunk = shrink(stacked) if shrink else stacked
+        kept.update((key, frame) for (key, _), frame in zip(run, shrunk, strict=True))
+        run.clear()
+
+    for key, frame in frames:
+        if run and (
+            run[0][1].shape != frame.shape
+            or (len(run) + 1) * frame.numel() * frame.element_size() > FRAME_CHUNK_BYTES
+        ):
+            flush()
+        run.append((key, frame))
+    if run:
+        flush()
+    return kept
+
+
+def in_order(kept: dict[K, torch.Tensor], keys: list[K]) -> torch.Tensor:
+    """``(len(keys), C, H, W)``: the frames ``kept`` holds for ``keys``, in that order.
+    Raises ``BadVideo`` for frames of different sizes, which only a ``shrink`` makes
+    one tensor of."""
+    import torch
+
+    frames = [kept[key] for key in keys]
+    sizes = sorted({tuple(frame.shape[-2:]) for frame in frames})
+    if len(sizes) > 1:
+        raise BadVideo(f"frame size changes mid-stream ({sizes}): shrink the frames to stack them")
+    return torch.stack(frames)
