@@ -33,7 +33,7 @@ import pytest
 import torch
 from conftest import SHARED_VIDEOS
 
-from video_embeddings import frames
+from video_embeddings import decode, frames
 from video_embeddings.decode import decode_frames
 from video_embeddings.frames import sample_indices
 from video_embeddings.outcomes import BadVideo
@@ -303,15 +303,29 @@ def test_routing(name: str, corpus: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("read", ["whole", "in part"])
 @pytest.mark.parametrize("name", CASES)
-def test_decode_frames_gives_ffmpegs_frames(name: str, read: str, corpus: dict[str, Path]) -> None:
+def test_decode_frames_gives_ffmpegs_frames(
+    name: str, read: str, corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The project's ``decode_frames`` gives the CLI's frames for every file, upright.
-    "in part": a block size below the file's size makes an indexed MP4 read by seeking."""
+    "in part": a block size below the file's size, and no minimum of key frames, make
+    every indexed MP4 read by seeking (torchcodec's approximate mode), which is checked."""
+    monkeypatch.setattr(decode, "KEY_FRAMES_PER_SAMPLE", 0)
+    seek_modes: list[str] = []
+    new_decoder = decode._new_decoder
+
+    def recording(video_decoder: type, source: StorageReader, device: str, mode: str) -> object:
+        seek_modes.append(mode)
+        return new_decoder(video_decoder, source, device, mode)
+
+    monkeypatch.setattr(decode, "_new_decoder", recording)
     path = corpus[name]
     block_size = 16 * MIB if read == "whole" else 8 * KIB
     assert read == "whole" or path.stat().st_size > block_size
     got = decode_frames(str(path), num_frames=NUM_FRAMES, block_size=block_size, shrink=SHRINK)
     with path.open("rb") as f:
         p = probe(f, max_pixels=MAX_PIXELS)
+    seeks = read == "in part" and p.indexed
+    assert (seek_modes[:1] == ["approximate"]) == seeks, seek_modes
     assert got.shape == (NUM_FRAMES, 3, 32, 32) and got.dtype == torch.uint8
     if name not in TORCHCODEC_COLOURS:
         assert_frames_match(got, sampled_reference(name, path, p)[1])

@@ -108,6 +108,8 @@ class Probe:
     """An MP4/MOV/3GP whose header indexes every frame (its sample count equals the
     entries of its sample tables): frames can be found by seeking, without a scan. Not a
     fragmented MP4, whose header indexes no frame."""
+    key_frames: int
+    """Key frames in the index of an ``indexed`` file, else 0."""
     rotation: int
     """Counter-clockwise quarter turns, in degrees (0, 90, 180 or 270), that the stream's
     display matrix applies to the decoded frame (for a matrix that does not mirror, FFmpeg's
@@ -133,7 +135,9 @@ def probe(source: Source, *, max_pixels: int) -> Probe:
         if first is not None:
             _check_size(first.width, first.height, max_pixels)
         rotation, hflip = _orientation(first) if first is not None else (0, False)
-        iso_media = container.format.name == ISO_MEDIA
+        indexed = container.format.name == ISO_MEDIA and 0 < stream.frames == len(
+            stream.index_entries
+        )
         result = Probe(
             format_name=container.format.name,
             stream_index=stream.index,
@@ -143,7 +147,8 @@ def probe(source: Source, *, max_pixels: int) -> Probe:
             has_b_frames=bool(context.has_b_frames),
             unreliable_timestamps=bool(Flags(container.format.flags) & _UNRELIABLE_TIMESTAMPS),
             duplicate_timestamps=len(set(frames.timestamps)) < len(frames.timestamps),
-            indexed=iso_media and 0 < stream.frames == len(stream.index_entries),
+            indexed=indexed,
+            key_frames=sum(e.is_keyframe for e in stream.index_entries) if indexed else 0,
             rotation=rotation,
             hflip=hflip,
         )
