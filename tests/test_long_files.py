@@ -36,6 +36,7 @@ import torch
 from gcs_emulator import CountingProxy, GcsEmulator, Request
 from torchcodec.decoders import VideoDecoder
 
+from video_embeddings import decode
 from video_embeddings.decode import SEEK_BLOCK_SIZE, decode_frames
 from video_embeddings.settings import Settings
 
@@ -156,4 +157,33 @@ def test_long_video_read_whole_gives_the_same_frames(
     read = sum(r.bytes_out for r in gets)
     assert read >= 0.99 * size, f"read {read / size:.3f}x of {size} bytes"
     assert len(gets) == 1, [r.range for r in gets]
+    assert_same_frames(frames, reference)
+
+
+def test_sparse_key_frames_are_read_once_in_large_blocks(
+    gcs: CountingProxy,
+    long_video: Path,
+    reference: torch.Tensor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With fewer key frames than ``KEY_FRAMES_PER_SAMPLE`` per sampled frame (raised
+    here so that the 600 key frames are too few), the MP4 is still found by seeking, but
+    in BLOCK_SIZE blocks read forward: each 16 MiB block once, except the last, which
+    holds the index (moov) read first and is read again for the last samples after the
+    64 MiB cache let it go. So at most the object, one block and the probe's 256 KiB
+    blocks, where the exact scan would read the object and then seek back through blocks
+    its cache no longer holds (2.0x measured)."""
+    monkeypatch.setattr(decode, "KEY_FRAMES_PER_SAMPLE", 1000)
+    size = long_video.stat().st_size
+    gcs.reset()
+    frames = decode_frames(URI, num_frames=NUM_FRAMES)
+    gets = media_gets(gcs)
+    large = [block_range(r) for r in gets if r.bytes_out > SEEK_BLOCK_SIZE]
+    blocks = -(-size // Settings.block_size)
+    starts = [first for first, _ in large]
+    assert sorted(set(starts)) == [i * Settings.block_size for i in range(blocks)]
+    assert len(starts) <= blocks + 1, starts  # the last block may come twice
+    read = sum(r.bytes_out for r in gets)
+    limit = size + Settings.block_size + 4 * SEEK_BLOCK_SIZE
+    assert read <= limit, f"read {read / size:.3f}x of {size} bytes"
     assert_same_frames(frames, reference)

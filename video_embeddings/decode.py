@@ -56,13 +56,12 @@ frame on, a few hundred KiB at 2 s between key frames; larger blocks read more o
 lies between (docs/reading.md has the figures)."""
 
 KEY_FRAMES_PER_SAMPLE = 4
-"""Key frames per sampled frame from which a video is read in part. Each sampled frame
-costs the bytes from its key frame on, half the distance between key frames on average,
-so reading in part costs about ``1 / (2 * KEY_FRAMES_PER_SAMPLE)`` of the file and one
-GET per block; with fewer key frames the samples cover most of the file anyway, and one
-sequential read in ``BLOCK_SIZE`` blocks is cheaper in requests and time (a 20-minute MP4
-with a key frame every 10 s: 0.34x the bytes in part, in 351 GETs, slower than reading
-it whole in one)."""
+"""Key frames per sampled frame from which a long MP4 is read in ``SEEK_BLOCK_SIZE``
+blocks. Each sampled frame costs the bytes from its key frame on, half the distance
+between key frames on average, so that reads about ``1 / (2 * KEY_FRAMES_PER_SAMPLE)``
+of the file, one GET per block. With fewer key frames the samples cover most of the file
+anyway and ``BLOCK_SIZE`` blocks take fewer GETs (a 20-minute MP4 with a key frame every
+10 s: 0.34x the bytes in 351 GETs of 256 KiB, slower than 1.0x in 16 MiB blocks)."""
 
 Shrink = Callable[["torch.Tensor"], "torch.Tensor"]
 
@@ -89,11 +88,11 @@ def decode_frames(
     constant frame rate both are the same frames. Three decodes, chosen by container and
     stream (``sequential.probe``):
 
-    - an MP4/MOV larger than ``block_size`` whose header indexes every frame, with at
-      least ``KEY_FRAMES_PER_SAMPLE`` key frames per sampled frame, is read in part:
-      torchcodec seeks through the container's index to each frame
-      (``seek_mode="approximate"``), reading ``SEEK_BLOCK_SIZE`` blocks; if that fails,
-      the video is read whole as below;
+    - an MP4/MOV larger than ``block_size`` whose header indexes every frame is read by
+      seeking through that index to each frame (torchcodec's ``seek_mode="approximate"``),
+      forward only: in ``SEEK_BLOCK_SIZE`` blocks, so in part, where it has at least
+      ``KEY_FRAMES_PER_SAMPLE`` key frames per sampled frame, else in ``block_size``
+      blocks, each read once. If that fails, the video is read whole as below;
     - MPEG-TS/PS, Ogg, raw streams, B-frames in AVI and timestamps shared by frames are
       decoded front to back by ``sequential.decode_sequential``, which counts frames
       instead of trusting timestamps;
@@ -113,30 +112,48 @@ def decode_frames(
     frames that exist. A frame larger than ``max_pixels`` is refused before any is
     decoded."""
     video_decoder = _video_decoder_class()
+    whole = (video_decoder, num_frames, max_pixels, device, shrink)
     options: dict[str, Any] = {
         "allowed_prefixes": allowed_prefixes, "max_bytes": max_bytes, "deadline": deadline
     }  # fmt: skip
     with _reading(uri, block_size, **options) as reader:
         if reader.size <= block_size:
-            return _decode_whole(video_decoder, reader, num_frames, max_pixels, device, shrink)
+            return _decode_whole(reader, *whole)
     with _reading(uri, min(block_size, SEEK_BLOCK_SIZE), **options) as reader:
         p = _probe(reader, max_pixels)
-        if _reads_in_part(p, num_frames):
-            try:
-                decoder = _new_decoder(video_decoder, reader, device, "approximate")
-                return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
-            except BadVideo as e:  # the whole read decides
-                logger.info("reading %s whole: seeking failed (%s)", redact(uri), e)
+        seeks = p.indexed and not needs_sequential(p)
+        if seeks and p.key_frames >= KEY_FRAMES_PER_SAMPLE * num_frames:
+            frames = _seek_to_samples(uri, reader, p, *whole)
+            if frames is not None:
+                return frames
+            seeks = False
     with _reading(uri, block_size, **options) as reader:
-        return _decode_whole(video_decoder, reader, num_frames, max_pixels, device, shrink)
+        frames = _seek_to_samples(uri, reader, p, *whole) if seeks else None
+        if frames is not None:
+            return frames
+        reader.seek(0)
+        return _decode_whole(reader, *whole)
 
 
-def _reads_in_part(p: Probe, num_frames: int) -> bool:
-    """Whether seeking through the index reads much less than the whole file: an indexed
-    MP4/MOV with ``KEY_FRAMES_PER_SAMPLE`` key frames per sampled frame, whose timestamps
-    torchcodec's seeks can trust."""
-    many_key_frames = p.key_frames >= KEY_FRAMES_PER_SAMPLE * num_frames
-    return p.indexed and many_key_frames and not needs_sequential(p)
+def _seek_to_samples(
+    uri: str,
+    reader: StorageReader,
+    p: Probe,
+    video_decoder: type,
+    num_frames: int,
+    max_pixels: int,
+    device: str,
+    shrink: Shrink | None,
+) -> torch.Tensor | None:
+    """The sampled frames of an indexed MP4/MOV, found by seeking through its index
+    (torchcodec's approximate mode): the reads go forward, one block at a time, so no
+    block is read twice. ``None`` if that fails: reading the whole file then decides."""
+    try:
+        decoder = _new_decoder(video_decoder, reader, device, "approximate")
+        return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
+    except BadVideo as e:
+        logger.info("reading %s whole: seeking failed (%s)", redact(uri), e)
+        return None
 
 
 @contextmanager
@@ -156,15 +173,17 @@ def _reading(
 
 
 def _decode_whole(
-    video_decoder: type,
     reader: StorageReader,
+    video_decoder: type,
     num_frames: int,
     max_pixels: int,
     device: str,
     shrink: Shrink | None,
 ) -> torch.Tensor:
     """The sampled frames of a video read from its start: front to back where
-    ``needs_sequential`` or torchcodec's scan fails, else by torchcodec's exact scan."""
+    ``needs_sequential`` or torchcodec's scan fails, else by torchcodec's exact scan,
+    which reads the whole file and then seeks back to each sampled frame's key frame: a
+    file over ``CACHE_BYTES`` may read blocks twice."""
     p = _probe(reader, max_pixels)
     if not needs_sequential(p):
         try:
