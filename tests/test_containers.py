@@ -19,6 +19,7 @@ which every source here makes large (a moving test pattern, a gray level per fra
 from __future__ import annotations
 
 import io
+import random
 import re
 import struct
 import subprocess
@@ -103,6 +104,37 @@ def damaged(d: Path) -> Path:
     return out
 
 
+def remuxed(d: Path, name: str, before: tuple[str, ...], after: tuple[str, ...]) -> Path:
+    """The test pattern with B-frames, copied into ``name`` with options ``before`` and
+    ``after`` the input: a cut (``-ss`` before it), a timestamp offset (after it)."""
+    plain = encode(d / f"{name} plain.mp4", *X264_B)
+    out = d / name
+    ffmpeg(*before, "-i", plain, "-c", "copy", *after, out)
+    return out
+
+
+def zeroed(d: Path) -> Path:
+    """4 s with a key frame every second (index at the front), a quarter of the file
+    from 30% on overwritten with zeros: FFmpeg decodes the frames before and after."""
+    clean = encode(d / "unzeroed.mp4", "-t", "4", *X264_B, "-g", "25", "-movflags", "+faststart")
+    data = bytearray(clean.read_bytes())
+    start = len(data) * 3 // 10
+    data[start : start + len(data) // 4] = bytes(len(data) // 4)
+    out = d / "zeroed middle.mp4"
+    out.write_bytes(data)
+    return out
+
+
+def cut_in_half(d: Path) -> Path:
+    """The first half of an MP4 whose index is at the front: the header declares all
+    75 frames; FFmpeg decodes those whose bytes are there."""
+    whole = encode(d / "whole.mp4", *X264_B, "-movflags", "+faststart")
+    data = whole.read_bytes()
+    out = d / "cut in half.mp4"
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
 def rotated(d: Path, degrees: int) -> Path:
     """FFmpeg 5.1 writes a display matrix from the ``rotate`` tag when copying."""
     plain = encode(d / "plain.mp4", *X264_B)
@@ -169,6 +201,15 @@ CASES = {
     "h264 B-frames.avi": Case(encoded("h264.avi", *X264_B), "sequential"),
     "size change.ts": Case(size_change, "sequential"),
     "damaged.mp4": Case(damaged, "fallback"),
+    "zeroed middle.mp4": Case(zeroed, "fallback"),
+    "cut in half.mp4": Case(cut_in_half, "fallback"),
+    "starts at 5 s.mp4": Case(
+        partial(remuxed, name="starts at 5 s.mp4", before=(), after=("-output_ts_offset", "5")),
+        "torchcodec",
+    ),
+    "cut at 1 s.mp4": Case(
+        partial(remuxed, name="cut at 1 s.mp4", before=("-ss", "1"), after=()), "sequential"
+    ),
     "rotated 90.mp4": Case(partial(rotated, degrees=90), "torchcodec"),
     "rotated 180.mp4": Case(partial(rotated, degrees=180), "torchcodec"),
     "rotated 270.mp4": Case(partial(rotated, degrees=270), "torchcodec"),
@@ -256,10 +297,16 @@ def shrunk(frames: list[np.ndarray]) -> torch.Tensor:
     return torch.cat([SHRINK(torch.from_numpy(f.copy()).permute(2, 0, 1)[None]) for f in frames])
 
 
-def assert_frames_match(got: torch.Tensor, want: torch.Tensor) -> None:
+CONCEALED = {"zeroed middle.mp4": 4}
+"""Sampled frames that may differ from the CLI's: the frames after the zeroed bytes, up to
+the next key frame, are made up by FFmpeg's error concealment, which differs between
+PyAV's FFmpeg 8 and the CLI's 5.1. The frame count must still be the CLI's."""
+
+
+def assert_frames_match(got: torch.Tensor, want: torch.Tensor, concealed: int = 0) -> None:
     diff = (got.int() - want.int()).abs()
     worst = diff.flatten(1).amax(1).tolist()
-    assert max(worst) <= TOLERANCE, f"max difference per frame: {worst}"
+    assert sum(w > TOLERANCE for w in worst) <= concealed, f"max difference per frame: {worst}"
 
 
 def sampled_reference(name: str, path: Path, p: Probe) -> tuple[int, torch.Tensor]:
@@ -281,24 +328,34 @@ def test_sequential_decode_gives_ffmpegs_frames(name: str, corpus: dict[str, Pat
     if name == "damaged.mp4":
         assert 90 <= count < 100  # frames were lost, the rest decode
     assert got.shape == (NUM_FRAMES, 3, 32, 32) and got.dtype == torch.uint8
-    assert_frames_match(got, want)
+    assert_frames_match(got, want, CONCEALED.get(name, 0))
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_routing(name: str, corpus: dict[str, Path]) -> None:
-    """``needs_sequential`` sends exactly the "sequential" files front to back, and
-    torchcodec's exact scan fails with one of ``FALLBACK_ERRORS`` on the "fallback" ones."""
-    from torchcodec.decoders import VideoDecoder
+def test_routing(name: str, corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read whole, each file takes its route: "sequential" files go front to back without
+    torchcodec (``needs_sequential``), "fallback" ones after torchcodec's exact scan
+    failed, and the others are torchcodec's alone."""
+    steps: list[str] = []
+    new_decoder, sequential_decode = decode._new_decoder, decode.decode_sequential
 
-    path = corpus[name]
-    with path.open("rb") as f:
-        p = probe(f, max_pixels=MAX_PIXELS)
-    assert needs_sequential(p) == (CASES[name].route == "sequential")
-    if CASES[name].route == "fallback":
-        decoder = VideoDecoder(str(path), seek_mode="exact")
-        with pytest.raises(RuntimeError) as raised:
-            decoder.get_frames_at(sample_indices(decoder.metadata.num_frames or 0, NUM_FRAMES))
-        assert is_fallback_error(raised.value)
+    def recording_decoder(video_decoder: type, source: object, device: str, mode: str) -> object:
+        steps.append(mode)
+        return new_decoder(video_decoder, source, device, mode)  # type: ignore[arg-type]
+
+    def recording_sequential(*args: object, **kwargs: object) -> torch.Tensor:
+        steps.append("sequential")
+        return sequential_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode, "_new_decoder", recording_decoder)
+    monkeypatch.setattr(decode, "decode_sequential", recording_sequential)
+    decode_frames(str(corpus[name]), num_frames=NUM_FRAMES, shrink=SHRINK)
+    expected = {
+        "sequential": ["sequential"],
+        "fallback": ["exact", "sequential"],
+        "torchcodec": ["exact"],
+    }
+    assert steps == expected[CASES[name].route]
 
 
 @pytest.mark.parametrize("read", ["whole", "in part"])
@@ -308,7 +365,8 @@ def test_decode_frames_gives_ffmpegs_frames(
 ) -> None:
     """The project's ``decode_frames`` gives the CLI's frames for every file, upright.
     "in part": a block size below the file's size, and no minimum of key frames, make
-    every indexed MP4 read by seeking (torchcodec's approximate mode), which is checked."""
+    every constant-rate indexed MP4 read by seeking (torchcodec's approximate mode), which
+    is checked."""
     monkeypatch.setattr(decode, "KEY_FRAMES_PER_SAMPLE", 0)
     seek_modes: list[str] = []
     new_decoder = decode._new_decoder
@@ -324,11 +382,11 @@ def test_decode_frames_gives_ffmpegs_frames(
     got = decode_frames(str(path), num_frames=NUM_FRAMES, block_size=block_size, shrink=SHRINK)
     with path.open("rb") as f:
         p = probe(f, max_pixels=MAX_PIXELS)
-    seeks = read == "in part" and p.indexed
+    seeks = read == "in part" and p.constant_rate and not needs_sequential(p)
     assert (seek_modes[:1] == ["approximate"]) == seeks, seek_modes
     assert got.shape == (NUM_FRAMES, 3, 32, 32) and got.dtype == torch.uint8
     if name not in TORCHCODEC_COLOURS:
-        assert_frames_match(got, sampled_reference(name, path, p)[1])
+        assert_frames_match(got, sampled_reference(name, path, p)[1], CONCEALED.get(name, 0))
         return
     every = shrunk(reference(name, path, p.stream_index)).int()
     for frame, i in zip(got.int(), sample_indices(len(every), NUM_FRAMES), strict=True):
@@ -545,3 +603,35 @@ for _ in range(50):
 """
     done = run_python(script, str(corpus["h264 B-frames.avi"]))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_corrupt_fragmented_mp4_is_never_a_system_fault(tmp_path: Path, seed: int) -> None:
+    """A fragmented MP4 with a tenth of it overwritten by random bytes makes FFmpeg's
+    demuxer ask for gigabytes ("Cannot allocate memory") for some seeds. With memory to
+    spare that is the file's fault: the frames FFmpeg decodes are sampled, or the zero
+    tensor if none, and the job is never failed for it."""
+    clean = encode(tmp_path / "fragmented.mp4", *X264_B, "-g", "25",
+                   "-movflags", "frag_keyframe+empty_moov")  # fmt: skip
+    data = bytearray(clean.read_bytes())
+    start, length = len(data) * 4 // 10, len(data) // 10
+    data[start : start + length] = random.Random(seed).randbytes(length)
+    path = tmp_path / "corrupt.mp4"
+    path.write_bytes(data)
+    count = len(cli_frames(path))
+    try:
+        got = decode_frames(str(path), num_frames=NUM_FRAMES, shrink=SHRINK)
+    except BadVideo:
+        assert count == 0
+    else:
+        assert got.shape == (NUM_FRAMES, 3, 32, 32) and count > 0
+
+
+def test_seeking_needs_a_constant_frame_rate(clips: dict[str, Path]) -> None:
+    """Found by time alone only where the index steps evenly: torchcodec's single-frame
+    lookup takes each frame's duration from the codec's nominal rate, which on a
+    variable-frame-rate MP4 is wrong."""
+    with clips["mp4"].open("rb") as f:
+        assert probe(f, max_pixels=MAX_PIXELS).constant_rate
+    with clips["vfr"].open("rb") as f:
+        assert not probe(f, max_pixels=MAX_PIXELS).constant_rate

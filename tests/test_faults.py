@@ -499,3 +499,17 @@ def test_log_lines_stay_one_line_and_binary_columns_read(
     [line] = [r.getMessage() for r in caplog.records if "zero embedding" in r.getMessage()]
     assert "\n" not in line and line.startswith("zero embedding for /nope.mp4\\x0azero")
     assert len(out[1].as_py()) == 16
+
+
+def test_ffmpeg_out_of_memory_is_the_files_fault_while_memory_is_free() -> None:
+    """FFmpeg's ENOMEM is a bad video while the process can still allocate
+    ``SPARE_BYTES`` (a damaged header asked for gigabytes); a torch allocation failure, or
+    a CUDA error, stays a system fault."""
+    from video_embeddings.outcomes import SystemFault, decode_fault, memory_is_short
+
+    assert not memory_is_short()
+    enomem = RuntimeError("Failed to read frame from input file: Cannot allocate memory")
+    assert isinstance(decode_fault(enomem), vu.BadVideo)
+    torch_oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
+    assert isinstance(decode_fault(torch_oom), SystemFault)
+    assert isinstance(decode_fault(RuntimeError("CUDA error: misaligned address")), SystemFault)

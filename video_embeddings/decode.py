@@ -11,8 +11,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from video_embeddings.frames import in_order, sample_indices, sample_times, shrink_in_runs
-from video_embeddings.outcomes import BadVideo, SystemFault, is_system_fault
+from video_embeddings.frames import (
+    FRAME_CHUNK_BYTES,
+    in_order,
+    sample_indices,
+    sample_times,
+    shrink_in_runs,
+)
+from video_embeddings.outcomes import BadVideo, SystemFault, decode_fault
 from video_embeddings.sequential import (
     ISO_MEDIA,
     Probe,
@@ -121,7 +127,7 @@ def decode_frames(
             return _decode_whole(reader, *whole)
     with _reading(uri, min(block_size, SEEK_BLOCK_SIZE), **options) as reader:
         p = _probe(reader, max_pixels)
-        seeks = p.indexed and not needs_sequential(p)
+        seeks = p.constant_rate and not needs_sequential(p)
         if seeks and p.key_frames >= KEY_FRAMES_PER_SAMPLE * num_frames:
             frames = _seek_to_samples(uri, reader, p, *whole)
             if frames is not None:
@@ -150,6 +156,11 @@ def _seek_to_samples(
     block is read twice. ``None`` if that fails: reading the whole file then decides."""
     try:
         decoder = _new_decoder(video_decoder, reader, device, "approximate")
+        if decoder.metadata.begin_stream_seconds_from_header:
+            # torchcodec's approximate mode takes a stream to start at 0 s
+            raise BadVideo(
+                f"the stream starts at {decoder.metadata.begin_stream_seconds_from_header} s"
+            )
         return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
     except BadVideo as e:
         logger.info("reading %s whole: seeking failed (%s)", redact(uri), e)
@@ -220,23 +231,59 @@ def _decode_sampled(
     try:
         meta = decoder.metadata
         _check_frame_size(meta, max_pixels)
-        count = meta.num_frames or 0
-        if p.format_name == ISO_MEDIA:
+        by_time = p.format_name == ISO_MEDIA
+        if by_time:
             begin, end = meta.begin_stream_seconds, meta.end_stream_seconds
-            keys: list[Any] = sample_times(begin, end, count, num_frames)
-            frame_at = decoder.get_frame_played_at
+            keys: list[Any] = sample_times(begin, end, meta.num_frames or 0, num_frames)
         else:
-            keys, frame_at = sample_indices(count, num_frames), decoder.get_frame_at
+            keys = sample_indices(meta.num_frames or 0, num_frames)
         upright = (
-            (key, rotate(frame_at(key).data, p.rotation, p.hflip)) for key in sorted(set(keys))
+            (key, rotate(frame, p.rotation, p.hflip))
+            for key, frame in _frames(decoder, sorted(set(keys)), by_time=by_time)
         )
         return in_order(shrink_in_runs(upright, shrink), keys)
     except (ValueError, RuntimeError, IndexError) as e:
         if reader.error is not None:
             raise reader.error from None
-        if is_system_fault(e):
-            raise SystemFault(" ".join(str(e).split())) from e
-        raise BadVideo(" ".join(str(e).split())) from e  # one log line
+        raise decode_fault(e) from e
+
+
+def _frames(decoder: Any, keys: list[Any], *, by_time: bool) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(key, (C, H, W) frame)`` for each key, in order: the frame on screen at ``key``
+    seconds if ``by_time``, else frame number ``key``.
+
+    After an exact scan torchcodec finds frames in its own index, a chunk of
+    ``FRAME_CHUNK_BYTES`` at a time. In approximate mode it seeks to each time and decodes
+    up to it, one frame at a time: its batch call would turn times into frame numbers at
+    the header's average rate. Where torchcodec gives a frame that starts after the time
+    asked (frames missing: a damaged stream, a header that declares more), a
+    ``RuntimeError`` with one of ``FALLBACK_ERRORS`` is raised, so the video is decoded
+    front to back instead."""
+    if decoder.metadata.num_frames_from_content is None:  # no exact scan: approximate mode
+        for seconds in keys:
+            frame = decoder.get_frame_played_at(seconds)
+            _check_on_screen(seconds, frame.pts_seconds)
+            yield seconds, frame.data
+        return
+    meta = decoder.metadata
+    step = max(1, FRAME_CHUNK_BYTES // (3 * (meta.width or 1) * (meta.height or 1)))
+    for start in range(0, len(keys), step):
+        chunk = keys[start : start + step]
+        if not by_time:
+            yield from zip(chunk, decoder.get_frames_at(chunk).data, strict=True)
+            continue
+        batch = decoder.get_frames_played_at(chunk)
+        for seconds, frame, pts in zip(chunk, batch.data, batch.pts_seconds.tolist(), strict=True):
+            _check_on_screen(seconds, pts)
+            yield seconds, frame
+
+
+def _check_on_screen(seconds: float, frame_start: float) -> None:
+    if frame_start > seconds + 1e-6:
+        raise RuntimeError(
+            f"no frame on screen at {seconds:.6f} s: the next frame found starts at "
+            f"{frame_start:.6f} s"
+        )
 
 
 def _video_decoder_class() -> type:
@@ -268,9 +315,7 @@ def _new_decoder(video_decoder: type, source: StorageReader, device: str, seek_m
     except (ValueError, RuntimeError) as e:
         if source.error is not None:
             raise source.error from None
-        if is_system_fault(e):
-            raise SystemFault(" ".join(str(e).split())) from e
-        raise BadVideo(" ".join(str(e).split())) from e
+        raise decode_fault(e) from e
 
 
 def decode_with(settings: Settings, uri: str, **options: Any) -> torch.Tensor:

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from geneva.errors import FatalWorkerHardwareError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "OUTAGE_FAULTS",
@@ -29,7 +25,9 @@ __all__ = [
     "OutageBudget",
     "RowOutcome",
     "SystemFault",
+    "decode_fault",
     "is_system_fault",
+    "memory_is_short",
 ]
 
 OUTAGE_WINDOW = 16
@@ -88,6 +86,35 @@ def is_system_fault(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(m in text for m in _SYSTEM_MESSAGES)
+
+
+SPARE_BYTES = 64 * 1024 * 1024
+"""What ``memory_is_short`` asks the host for: an allocation FFmpeg failed although this
+much is free was asked for by the file."""
+
+
+def memory_is_short() -> bool:
+    """Whether the process cannot allocate ``SPARE_BYTES`` now (address space, cgroup or
+    host memory exhausted)."""
+    try:
+        bytearray(SPARE_BYTES)
+    except MemoryError:
+        return True
+    return False
+
+
+def decode_fault(error: BaseException) -> SystemFault | BadVideo:
+    """What a decoder's ``error`` means for the row, in one line: ``SystemFault`` for a
+    worker fault (``is_system_fault``), else ``BadVideo``. FFmpeg's ENOMEM ("Cannot
+    allocate memory") is a worker fault only when ``memory_is_short``: a damaged file
+    whose header declares a huge packet or frame makes FFmpeg ask for gigabytes, and that
+    refusal is the file's fault, not the worker's."""
+    text = " ".join(str(error).split())
+    if is_system_fault(error) and not (
+        "cannot allocate memory" in text.lower() and not memory_is_short()
+    ):
+        return SystemFault(text)
+    return BadVideo(text)
 
 
 class OutageBudget:
