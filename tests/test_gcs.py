@@ -63,7 +63,7 @@ def test_stream_from_gcs_one_get_per_small_video(
 
 def test_blocks_are_fetched_once_each(gcs: CountingProxy, shared_videos: Path) -> None:
     """With 256 KiB blocks, a 1 MB clip costs one GET per block and no byte twice, even
-    though the exact scan and the frame seeks revisit the file."""
+    though the probe and the frame seeks revisit the file."""
     size = (shared_videos / "bigbuckbunny.mp4").stat().st_size
     block = 256 * 1024
     gcs.reset()

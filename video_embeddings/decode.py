@@ -125,14 +125,19 @@ def decode_frames(
     with _reading(uri, block_size, **options) as reader:
         if reader.size <= block_size:
             return _decode_whole(reader, *whole)
-    with _reading(uri, min(block_size, SEEK_BLOCK_SIZE), **options) as reader:
+    seek_block_size = min(block_size, SEEK_BLOCK_SIZE)
+    with _reading(uri, seek_block_size, **options) as reader:
         p = _probe(reader, max_pixels)
         seeks = p.constant_rate and not needs_sequential(p)
-        if seeks and p.key_frames >= KEY_FRAMES_PER_SAMPLE * num_frames:
+        dense = p.key_frames >= KEY_FRAMES_PER_SAMPLE * num_frames
+        if seeks and (dense or seek_block_size == block_size):
             frames = _seek_to_samples(uri, reader, p, *whole)
             if frames is not None:
                 return frames
             seeks = False
+        if seek_block_size == block_size:
+            reader.seek(0)
+            return _decode_whole(reader, *whole)
     with _reading(uri, block_size, **options) as reader:
         frames = _seek_to_samples(uri, reader, p, *whole) if seeks else None
         if frames is not None:
