@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from video_embeddings.frames import (
-    FRAME_CHUNK_BYTES,
+    frames_per_run,
     in_order,
     sample_indices,
     sample_times,
@@ -243,8 +243,8 @@ def _decode_sampled(
         else:
             keys = sample_indices(meta.num_frames or 0, num_frames)
         upright = (
-            (key, rotate(frame, p.rotation, p.hflip))
-            for key, frame in _frames(decoder, sorted(set(keys)), by_time=by_time)
+            (run_keys, rotate(run, p.rotation, p.hflip))
+            for run_keys, run in _frames(decoder, sorted(set(keys)), by_time=by_time)
         )
         return in_order(shrink_in_runs(upright, shrink), keys)
     except (ValueError, RuntimeError, IndexError) as e:
@@ -253,11 +253,13 @@ def _decode_sampled(
         raise decode_fault(e) from e
 
 
-def _frames(decoder: Any, keys: list[Any], *, by_time: bool) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(key, (C, H, W) frame)`` for each key, in order: the frame on screen at ``key``
-    seconds if ``by_time``, else frame number ``key``.
+def _frames(
+    decoder: Any, keys: list[Any], *, by_time: bool
+) -> Iterator[tuple[list[Any], torch.Tensor]]:
+    """``(keys, (N, C, H, W) frames)`` runs, in order: for each key the frame on screen at
+    ``key`` seconds if ``by_time``, else frame number ``key``.
 
-    After an exact scan torchcodec finds frames in its own index, a chunk of
+    After an exact scan torchcodec finds frames in its own index, a run of
     ``FRAME_CHUNK_BYTES`` at a time. In approximate mode it seeks to each time and decodes
     up to it, one frame at a time: its batch call would turn times into frame numbers at
     the header's average rate. Where torchcodec gives a frame that starts after the time
@@ -268,19 +270,19 @@ def _frames(decoder: Any, keys: list[Any], *, by_time: bool) -> Iterator[tuple[A
         for seconds in keys:
             frame = decoder.get_frame_played_at(seconds)
             _check_on_screen(seconds, frame.pts_seconds)
-            yield seconds, frame.data
+            yield [seconds], frame.data[None]
         return
     meta = decoder.metadata
-    step = max(1, FRAME_CHUNK_BYTES // (3 * (meta.width or 1) * (meta.height or 1)))
+    step = frames_per_run(meta.width or 1, meta.height or 1)
     for start in range(0, len(keys), step):
         chunk = keys[start : start + step]
         if not by_time:
-            yield from zip(chunk, decoder.get_frames_at(chunk).data, strict=True)
+            yield chunk, decoder.get_frames_at(chunk).data
             continue
         batch = decoder.get_frames_played_at(chunk)
-        for seconds, frame, pts in zip(chunk, batch.data, batch.pts_seconds.tolist(), strict=True):
+        for seconds, pts in zip(chunk, batch.pts_seconds.tolist(), strict=True):
             _check_on_screen(seconds, pts)
-            yield seconds, frame
+        yield chunk, batch.data
 
 
 def _check_on_screen(seconds: float, frame_start: float) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FRAME_CHUNK_BYTES",
+    "frames_per_run",
     "in_order",
     "sample_indices",
     "sample_times",
@@ -27,6 +28,12 @@ K = TypeVar("K", bound=Hashable)
 FRAME_CHUNK_BYTES = 64 * MIB
 """Full-resolution frames one decode thread holds at once: each run is shrunk to the
 model's crop before the next frame is kept (or one frame, if a frame is larger)."""
+
+
+def frames_per_run(width: int, height: int) -> int:
+    """Full-size RGB frames of ``width`` x ``height`` that fit in ``FRAME_CHUNK_BYTES``
+    (at least one)."""
+    return max(1, FRAME_CHUNK_BYTES // (3 * max(1, width) * max(1, height)))
 
 
 def sample_indices(num_video_frames: int, num_frames: int) -> list[int]:
@@ -55,33 +62,37 @@ def sample_times(begin: float, end: float, num_video_frames: int, num_frames: in
 
 
 def shrink_in_runs(
-    frames: Iterable[tuple[K, torch.Tensor]],
+    runs: Iterable[tuple[list[K], torch.Tensor]],
     shrink: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> dict[K, torch.Tensor]:
-    """``(key, (C, H, W) frame)`` pairs → ``{key: shrink(frame)}``, ``shrink`` called on
-    ``(N, C, H, W)`` runs of consecutive frames of one size, at most
-    ``FRAME_CHUNK_BYTES`` of them (or one frame), so that frames of any size, a size
-    change mid-stream included, are each resized from their own size and few are held at
-    full size. Without ``shrink`` the frames are kept as they are."""
+    """``(keys, (N, C, H, W) frames)`` runs → ``{key: shrink(frame)}``. Consecutive runs
+    of one frame size are joined up to ``FRAME_CHUNK_BYTES`` (a run alone may be larger)
+    and ``shrink`` is called on each join, so that frames of any size, a size change
+    mid-stream included, are each resized from their own size and few are held at full
+    size. A run passed on alone is not copied. Without ``shrink`` the frames are kept as
+    they are."""
     import torch
 
     kept: dict[K, torch.Tensor] = {}
-    run: list[tuple[K, torch.Tensor]] = []
+    keys: list[K] = []
+    pending: list[torch.Tensor] = []
 
     def flush() -> None:
-        stacked = torch.stack([frame for _, frame in run])
-        shrunk = shrink(stacked) if shrink else stacked
-        kept.update((key, frame) for (key, _), frame in zip(run, shrunk, strict=True))
-        run.clear()
+        joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+        kept.update(zip(keys, shrink(joined) if shrink else joined, strict=True))
+        keys.clear()
+        pending.clear()
 
-    for key, frame in frames:
-        if run and (
-            run[0][1].shape != frame.shape
-            or (len(run) + 1) * frame.numel() * frame.element_size() > FRAME_CHUNK_BYTES
+    for run_keys, run in runs:
+        held = sum(t.numel() * t.element_size() for t in pending)
+        if pending and (
+            pending[0].shape[1:] != run.shape[1:]
+            or held + run.numel() * run.element_size() > FRAME_CHUNK_BYTES
         ):
             flush()
-        run.append((key, frame))
-    if run:
+        keys.extend(run_keys)
+        pending.append(run)
+    if pending:
         flush()
     return kept
 

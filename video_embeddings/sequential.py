@@ -212,10 +212,11 @@ def rotate(frames: torch.Tensor, degrees: int, hflip: bool) -> torch.Tensor:
     """``(..., H, W)`` → the same frames upright: turned ``degrees`` counter-clockwise (a
     multiple of 90; 90 or 270 gives ``(..., W, H)``), then mirrored left-right if
     ``hflip``, as players apply the display matrix (``Probe.rotation``, ``Probe.hflip``).
-    Same dtype and device."""
+    Same dtype and device; ``frames`` itself when there is nothing to do."""
     import torch
 
-    frames = torch.rot90(frames, degrees // 90 % 4, dims=(-2, -1))
+    if degrees % 360:
+        frames = torch.rot90(frames, degrees // 90 % 4, dims=(-2, -1))
     return frames.flip(-1) if hflip else frames
 
 
@@ -332,16 +333,16 @@ class _Frames:
         self.last_error = error.strerror
 
 
-def _wanted(frames: _Frames, wanted: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(position, (3, H, W) uint8)`` for each frame at a position in ``wanted``, in RGB
-    and upright; decoding stops after the last one."""
+def _wanted(frames: _Frames, wanted: set[int]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``([position], (1, 3, H, W) uint8)`` for each frame at a position in ``wanted``, in
+    RGB and upright; decoding stops after the last one."""
     import torch
 
     last = max(wanted)
     for position, frame in enumerate(frames):
         if position in wanted:
             rgb = torch.from_numpy(_rgb(frame)).permute(2, 0, 1)
-            yield position, rotate(rgb, *_orientation(frame))
+            yield [position], rotate(rgb, *_orientation(frame))[None]
         if position == last:
             return
 

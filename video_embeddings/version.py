@@ -22,10 +22,11 @@ PIPELINE_VERSION = 3
 """Bump it, and update ``PIPELINE_CODE_SHA256``, whenever the rows a video gets change:
 sampling, decoding, preprocessing, the model call or the pooling."""
 
-PIPELINE_CODE_SHA256 = "eebd61fc60f78d72f115a0cb73167b4f9e3e2e449b7138131440165e69e7fd1c"
+PIPELINE_CODE_SHA256 = "c908841eed82c03384842fb937ad507619c85ff9ca92c44c69ec9f55d8a0fda8"
 """``pipeline_code_sha256()`` when ``PIPELINE_VERSION`` was last set."""
 
 _OUTPUT_CODE = (
+    frames.frames_per_run,
     frames.sample_indices,
     frames.sample_times,
     frames.shrink_in_runs,
