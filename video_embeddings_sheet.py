@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import fsspec
-import numpy as np
+from video_embeddings.decode import decode_frames
+from video_embeddings.outcomes import BadVideo
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,22 +38,17 @@ class Undecodable(Exception):
 
 
 def read_thumbnails(uri: str, count: int = THUMBNAILS) -> list[Image.Image]:
-    """``count`` frames spread across the video, RGB, each scaled to fit THUMB_W x THUMB_H.
-    Raises ``Undecodable`` with the reason when the video cannot be read."""
+    """``count`` frames spread across the video, sampled and decoded as the UDF samples
+    and decodes them (``decode_frames``: upright, any container), RGB, each scaled to fit
+    THUMB_W x THUMB_H. Raises ``Undecodable`` with the reason when the video cannot be
+    read."""
     from PIL import Image
-    from torchcodec.decoders import VideoDecoder
 
     try:
-        with fsspec.open(uri, "rb") as file:
-            decoder = VideoDecoder(file, seek_mode="exact")
-            num_frames = decoder.metadata.num_frames or 0
-            if num_frames < 1:
-                raise Undecodable("video stream has no frames")
-            indices = np.round(np.linspace(0, num_frames - 1, count)).astype(int).tolist()
-            frames = decoder.get_frames_at(indices).data.permute(0, 2, 3, 1).numpy()
+        frames = decode_frames(uri, num_frames=count).permute(0, 2, 3, 1).numpy()
     except FileNotFoundError as e:
         raise Undecodable("object does not exist") from e
-    except (ValueError, RuntimeError) as e:
+    except (BadVideo, ValueError, RuntimeError) as e:
         raise Undecodable(" ".join(str(e).split())) from e  # one log line
     images = []
     for frame in frames:

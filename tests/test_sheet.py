@@ -3,6 +3,7 @@ longer be read."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,18 @@ def test_png_sheet_has_one_strip_per_entry_and_survives_a_missing_video(
 
     np.testing.assert_array_equal(cells(0), cells(1))  # the same video: the same thumbnails
     assert cells(1).std() > 0 and cells(2).std() == 0  # the missing video: empty cells
+
+
+def test_thumbnails_are_decoded_as_the_udf_decodes(tmp_path: Path) -> None:
+    """An MPEG-TS with B-frames (front to back, which torchcodec's scan cannot read) gives
+    its thumbnails, and a clip with a 90-degree display matrix is drawn upright: 160x120
+    frames become 120x160, which fit the 160x90 cell as 67x90."""
+    source = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25", "-t", "2"]
+    ts, plain, rotated = tmp_path / "b.ts", tmp_path / "plain.mp4", tmp_path / "rotated.mp4"
+    for out in (ts, plain):
+        subprocess.run(["ffmpeg", "-v", "error", "-y", *source, "-c:v", "libx264", "-bf", "3",
+                        str(out)], check=True)  # fmt: skip
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(plain), "-c", "copy",
+                    "-metadata:s:v", "rotate=90", str(rotated)], check=True)  # fmt: skip
+    assert [t.size for t in read_thumbnails(str(ts))] == [(120, 90)] * THUMBNAILS
+    assert [t.size for t in read_thumbnails(str(rotated))] == [(67, 90)] * THUMBNAILS
