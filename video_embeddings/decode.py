@@ -124,7 +124,7 @@ def decode_frames(
     }  # fmt: skip
     with _reading(uri, block_size, **options) as reader:
         if reader.size <= block_size:
-            return _decode_whole(reader, *whole)
+            return _decode_whole(uri, reader, *whole)
     seek_block_size = min(block_size, SEEK_BLOCK_SIZE)
     with _reading(uri, seek_block_size, **options) as reader:
         p = _probe(reader, max_pixels)
@@ -137,13 +137,13 @@ def decode_frames(
             seeks = False
         if seek_block_size == block_size:
             reader.seek(0)
-            return _decode_whole(reader, *whole)
+            return _decode_whole(uri, reader, *whole)
     with _reading(uri, block_size, **options) as reader:
         frames = _seek_to_samples(uri, reader, p, *whole) if seeks else None
         if frames is not None:
             return frames
         reader.seek(0)
-        return _decode_whole(reader, *whole)
+        return _decode_whole(uri, reader, *whole)
 
 
 def _seek_to_samples(
@@ -159,6 +159,9 @@ def _seek_to_samples(
     """The sampled frames of an indexed MP4/MOV, found by seeking through its index
     (torchcodec's approximate mode): the reads go forward, one block at a time, so no
     block is read twice. ``None`` if that fails: reading the whole file then decides."""
+    logger.debug(
+        "finding the frames of %s by seeking, in %d-byte blocks", redact(uri), reader.block_size
+    )
     try:
         decoder = _new_decoder(video_decoder, reader, device, "approximate")
         if decoder.metadata.begin_stream_seconds_from_header:
@@ -189,6 +192,7 @@ def _reading(
 
 
 def _decode_whole(
+    uri: str,
     reader: StorageReader,
     video_decoder: type,
     num_frames: int,
@@ -201,13 +205,16 @@ def _decode_whole(
     which reads the whole file and then seeks back to each sampled frame's key frame: a
     file over ``CACHE_BYTES`` may read blocks twice."""
     p = _probe(reader, max_pixels)
-    if not needs_sequential(p):
+    if needs_sequential(p):
+        logger.debug("decoding %s front to back (%s, %s)", redact(uri), p.format_name, p.codec)
+    else:
         try:
             decoder = _new_decoder(video_decoder, reader, device, "exact")
             return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
         except BadVideo as e:
             if not is_fallback_error(e):
                 raise
+            logger.info("decoding %s front to back: torchcodec failed (%s)", redact(uri), e)
         reader.seek(0)
     return decode_sequential(reader, num_frames=num_frames, shrink=shrink, max_pixels=max_pixels)
 

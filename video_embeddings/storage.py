@@ -153,6 +153,11 @@ class StorageReader:
         self.error: BaseException | None = None
 
     @property
+    def block_size(self) -> int:
+        """Bytes per read from storage (``open_video``'s ``block_size``)."""
+        return int(self._file.blocksize)  # type: ignore[attr-defined]
+
+    @property
     def size(self) -> int:
         """The object's size in bytes (``open_video`` refuses one of unknown size)."""
         return int(self._file.size)  # type: ignore[attr-defined]
