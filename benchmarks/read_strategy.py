@@ -41,14 +41,13 @@ from urllib.parse import quote
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # before gcsfs import: avoids stalls
 
 import av  # noqa: E402
-import fsspec  # noqa: E402
 import gcsfs  # noqa: E402
 import torch  # noqa: E402
 from torchcodec.decoders import VideoDecoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from gcs_emulator import CountingProxy, GcsEmulator  # noqa: E402
+from gcs_emulator import CountingProxy, GcsEmulator, gcsfs_at  # noqa: E402
 
 from video_embeddings.decode import SEEK_BLOCK_SIZE, decode_frames  # noqa: E402
 from video_embeddings.frames import sample_indices  # noqa: E402
@@ -304,7 +303,7 @@ def run_long(minutes: float, frames: int) -> dict[str, Any]:
         with (
             GcsEmulator() as emu,
             CountingProxy(emu.endpoint) as proxy,
-            _gcs_env(proxy.endpoint),
+            gcsfs_at(proxy.endpoint),
         ):
             for path in paths.values():
                 emu.upload(BUCKET, path.name, path.read_bytes())
@@ -327,28 +326,6 @@ def run_long(minutes: float, frames: int) -> dict[str, Any]:
         "minutes": minutes, "frames": frames, "seek_block_size": SEEK_BLOCK_SIZE,
         "files": files, "results": results,
     }  # fmt: skip
-
-
-@contextmanager
-def _gcs_env(endpoint: str) -> Iterator[None]:
-    """gs:// URLs opened by ``decode_frames`` go to ``endpoint``, anonymously."""
-    saved_env = os.environ.get("STORAGE_EMULATOR_HOST")
-    saved_conf = fsspec.config.conf.get("gcs")
-    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
-    fsspec.config.conf["gcs"] = {"token": "anon"}
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    try:
-        yield
-    finally:
-        gcsfs.GCSFileSystem.clear_instance_cache()
-        if saved_env is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved_env
-        if saved_conf is None:
-            fsspec.config.conf.pop("gcs", None)
-        else:
-            fsspec.config.conf["gcs"] = saved_conf
 
 
 SECTIONS = ("long", "strategies")

@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -471,3 +472,31 @@ class FaultProxy(CountingProxy):
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _inject
 
         return FaultHandler
+
+
+@contextlib.contextmanager
+def gcsfs_at(endpoint: str) -> Iterator[None]:
+    """Within the block, gcsfs opens ``gs://`` URLs at ``endpoint``, anonymously:
+    ``STORAGE_EMULATOR_HOST`` and fsspec's ``gcs`` options are set, and restored after.
+    gcsfs's cached instances keep the endpoint they were made with, so they are dropped on
+    the way in and on the way out."""
+    import fsspec
+    import gcsfs
+
+    saved_env = os.environ.get("STORAGE_EMULATOR_HOST")
+    saved_conf = fsspec.config.conf.get("gcs")
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    fsspec.config.conf["gcs"] = {"token": "anon"}
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        if saved_env is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved_env
+        if saved_conf is None:
+            fsspec.config.conf.pop("gcs", None)
+        else:
+            fsspec.config.conf["gcs"] = saved_conf

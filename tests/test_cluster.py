@@ -33,14 +33,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote_plus
 
-import fsspec
-import gcsfs
 import geneva
 import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import embed_fn, make_index_clip
-from gcs_emulator import FaultProxy, GcsEmulator
+from gcs_emulator import FaultProxy, GcsEmulator, gcsfs_at
 from ray_cluster import LoopbackCluster, alive
 
 import upload_manifest
@@ -100,7 +98,7 @@ def gcs(shared_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with (
         GcsEmulator() as emulator,
         FaultProxy(emulator.endpoint, stall_s=120) as proxy,
-        pytest.MonkeyPatch.context() as patch,
+        gcsfs_at(proxy.endpoint),
     ):
         for name in CLIPS:
             emulator.upload(BUCKET, f"clips/{name}", (shared_videos / name).read_bytes())
@@ -112,11 +110,7 @@ def gcs(shared_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     clips / f"{prefix}-{i}.mp4", 20 + i + 10 * (prefix == "node")
                 )
                 emulator.upload(BUCKET, name, clip.read_bytes())
-        patch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
-        patch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
-        gcsfs.GCSFileSystem.clear_instance_cache()
         yield proxy
-        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")

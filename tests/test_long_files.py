@@ -28,12 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-import fsspec
-import gcsfs
 import numpy as np
 import pytest
 import torch
-from gcs_emulator import CountingProxy, GcsEmulator, Request
+from gcs_emulator import CountingProxy, GcsEmulator, Request, gcsfs_at
 from torchcodec.decoders import VideoDecoder
 
 from video_embeddings import decode
@@ -77,14 +75,10 @@ def gcs(long_video: Path) -> Iterator[CountingProxy]:
     with (
         GcsEmulator() as emulator,
         CountingProxy(emulator.endpoint) as proxy,
-        pytest.MonkeyPatch.context() as patch,
+        gcsfs_at(proxy.endpoint),
     ):
         emulator.upload(BUCKET, NAME, long_video.read_bytes())
-        patch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
-        patch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
-        gcsfs.GCSFileSystem.clear_instance_cache()
         yield proxy
-        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
