@@ -124,7 +124,7 @@ def decode_frames(
     }  # fmt: skip
     with _reading(uri, block_size, **options) as reader:
         if reader.size <= block_size:
-            return _decode_whole(uri, reader, *whole)
+            return _decode_whole(uri, reader, _probe(reader, max_pixels), *whole)
     seek_block_size = min(block_size, SEEK_BLOCK_SIZE)
     with _reading(uri, seek_block_size, **options) as reader:
         p = _probe(reader, max_pixels)
@@ -137,13 +137,13 @@ def decode_frames(
             seeks = False
         if seek_block_size == block_size:
             reader.seek(0)
-            return _decode_whole(uri, reader, *whole)
+            return _decode_whole(uri, reader, p, *whole)
     with _reading(uri, block_size, **options) as reader:
         frames = _seek_to_samples(uri, reader, p, *whole) if seeks else None
         if frames is not None:
             return frames
         reader.seek(0)
-        return _decode_whole(uri, reader, *whole)
+        return _decode_whole(uri, reader, p, *whole)
 
 
 def _seek_to_samples(
@@ -194,17 +194,17 @@ def _reading(
 def _decode_whole(
     uri: str,
     reader: StorageReader,
+    p: Probe,
     video_decoder: type,
     num_frames: int,
     max_pixels: int,
     device: str,
     shrink: Shrink | None,
 ) -> torch.Tensor:
-    """The sampled frames of a video read from its start: front to back where
-    ``needs_sequential`` or torchcodec's scan fails, else by torchcodec's exact scan,
-    which reads the whole file and then seeks back to each sampled frame's key frame: a
-    file over ``CACHE_BYTES`` may read blocks twice."""
-    p = _probe(reader, max_pixels)
+    """The sampled frames of the video ``p`` describes, read from its start: front to
+    back where ``needs_sequential`` or torchcodec's scan fails, else by torchcodec's exact
+    scan, which reads the whole file and then seeks back to each sampled frame's key
+    frame: a file over ``CACHE_BYTES`` may read blocks twice."""
     if needs_sequential(p):
         logger.debug("decoding %s front to back (%s, %s)", redact(uri), p.format_name, p.codec)
     else:
