@@ -1,9 +1,10 @@
 """The ``video-embeddings`` command: the main job for a person.
 
     video-embeddings index SOURCE... --db DIR [--table videos] [--build-index]
-                           [--retry-zeros] [--cluster NAME [--manifest NAME]] [--json]
-                           [--verbose]
-    video-embeddings search (QUERY | --row N) --db DIR [--table videos] [-k 10]
+                           [--retry-zeros] [--segment-seconds S [--segment-stride S]]
+                           [--cluster NAME [--manifest NAME]] [--json] [--verbose]
+    video-embeddings search (QUERY [--from S --to S] | --row N) --db DIR [--table videos]
+                            [--moments] [-k 10]
                             [--aggregate mean|max|weighted|segment|none]
                             [--sheet out.png|out.html] [--json] [--verbose]
 
@@ -25,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from video_embeddings.settings import SEGMENT_SECONDS
 
 if TYPE_CHECKING:
     from video_embeddings_table import IndexSummary, SearchResult
@@ -68,6 +71,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more seconds")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="video-embeddings",
@@ -94,6 +107,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="embed again the rows that hold the zero tensor (after a fix or a new FFmpeg)",
     )
+    p.add_argument(
+        "--segment-seconds",
+        type=_seconds,
+        nargs="?",
+        const=SEGMENT_SECONDS,
+        metavar="S",
+        help="also embed the videos' segments of S seconds (default 10), in the view "
+        "<table>_segments, for search --moments",
+    )
+    p.add_argument(
+        "--segment-stride",
+        type=_seconds,
+        metavar="S",
+        help="start a segment every S seconds (default: --segment-seconds; less overlaps)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_verbose(p)
 
@@ -107,6 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     query = s.add_mutually_exclusive_group(required=True)
     query.add_argument("query", nargs="?", metavar="QUERY", help="URL or path of a video")
     query.add_argument("--row", type=int, help="use the video in this row (0-based) instead")
+    s.add_argument("--from", dest="start_s", type=_seconds, metavar="S", help="query from S s")
+    s.add_argument("--to", dest="end_s", type=_seconds, metavar="S", help="query up to S s")
+    s.add_argument(
+        "--moments",
+        action="store_true",
+        help="rank the segments of <table>_segments (made by index --segment-seconds)",
+    )
     s.add_argument("--db", required=True, help="LanceDB directory made by index")
     s.add_argument("--table", default="videos", help="table name (default: videos)")
     s.add_argument("-k", type=_positive, default=10, help="number of hits (default: 10)")
@@ -193,15 +228,38 @@ def _print_summary(summary: IndexSummary, db: str, table: str) -> None:
     print(f"  skipped: {summary.skipped} files without a video extension")
     print(f"  already in the table: {summary.already_indexed}")
     print(f"  rows: {summary.rows}, ANN index: {'yes' if summary.ann_index else 'no'}")
+    seg = summary.segments
+    if seg is not None:
+        print(f"  segments ({seg.seconds:g} s every {seg.stride:g} s) in {seg.view}:")
+        print(f"    added: {seg.added}, bad (zero tensor): {seg.bad_segments}, ", end="")
+        print(f"object faults: {seg.object_faults}")
+        print(
+            f"    videos without segments (duration unreadable): {len(seg.videos_without_segments)}"
+        )
+        for uri in seg.videos_without_segments:
+            print(f"      {uri}")
+        print(f"    rows: {seg.segments}, ANN index: {'yes' if seg.ann_index else 'no'}")
 
 
 def _print_hits(result: SearchResult) -> None:
+    from video_embeddings_table import clock
+
     row = f" (row {result.query_row})" if result.query_row is not None else ""
+    span = ""
+    if result.query_start_s is not None and result.query_end_s is not None:
+        span = f" from {clock(result.query_start_s)} to {clock(result.query_end_s)}"
     how = "ANN candidates" if result.ann else "every row"
-    print(f"query: {result.query_uri}{row}; aggregate: {result.aggregate}; scored: {how}")
-    print(f"{'rank':>4}  {'score':>7}  url")
+    ranked = "moments" if result.moments else "videos"
+    print(
+        f"query: {result.query_uri}{span}{row}; ranked: {ranked}; "
+        f"aggregate: {result.aggregate}; scored: {how}"
+    )
+    times = f"  {'start':>5}  {'end':>5}" if result.moments else ""
+    print(f"{'rank':>4}  {'score':>7}{times}  url")
     for hit in result.hits:
-        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.uri}")
+        if hit.start_s is not None and hit.end_s is not None:
+            times = f"  {clock(hit.start_s):>5}  {clock(hit.end_s):>5}"
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}{times}  {hit.uri}")
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -215,6 +273,8 @@ def _index(args: argparse.Namespace) -> None:
         manifest=args.manifest,
         build_index=args.build_index,
         retry_zeros=args.retry_zeros,
+        segment_seconds=args.segment_seconds,
+        segment_stride=args.segment_stride,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(summary), indent=2))
@@ -223,6 +283,7 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
+    from video_embeddings.frames import WHOLE_VIDEO
     from video_embeddings_table import search, write_sheet
 
     result = search(
@@ -230,8 +291,10 @@ def _search(args: argparse.Namespace) -> None:
         table=args.table,
         query_uri=args.query,
         query_row=args.row,
+        query_segment=WHOLE_VIDEO if args.start_s is None else (args.start_s, args.end_s),
         k=args.k,
         aggregate=args.aggregate,
+        moments=args.moments,
     )
     if args.sheet:
         write_sheet(result, args.sheet)
@@ -248,6 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "index" and args.manifest and not args.cluster:
         parser.error("--manifest needs --cluster")
+    if args.command == "index" and args.segment_stride is not None:
+        if args.segment_seconds is None:
+            parser.error("--segment-stride needs --segment-seconds")
+        if args.segment_stride <= 0:
+            parser.error("--segment-stride must be above 0 seconds")
+    if args.command == "index" and args.segment_seconds is not None and args.segment_seconds <= 0:
+        parser.error("--segment-seconds must be above 0 seconds")
+    if args.command == "search" and (args.start_s is None) != (args.end_s is None):
+        parser.error("--from and --to go together")
+    if args.command == "search" and args.start_s is not None:
+        if args.query is None:
+            parser.error("--from and --to need a QUERY video")
+        if not args.end_s > args.start_s:
+            parser.error("--to must be after --from")
     _setup_output(verbose=args.verbose, starts_ray=args.command == "index")
     # Under `uv run`, Ray would rebuild the uv environment for each worker, and refuses a
     # project outside the working directory: the local workers use this environment.

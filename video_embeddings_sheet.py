@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from video_embeddings.decode import decode_frames
+from video_embeddings.decode import decode_segments
+from video_embeddings.frames import WHOLE_VIDEO, Segment
 from video_embeddings.outcomes import BadVideo
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ __all__ = ["STRIP_H", "SHEET_W", "THUMBNAILS", "Undecodable", "draw_sheet", "rea
 
 
 THUMBNAILS = 4
-"""Frames per strip, spread from the first to the last frame of the video."""
+"""Frames per strip, spread from the first to the last frame of the video or segment."""
 THUMB_W, THUMB_H = 160, 90
 LABEL_W = 320
 PAD = 8
@@ -37,15 +38,17 @@ class Undecodable(Exception):
     """A video whose frames cannot be read; the message is the one-line reason."""
 
 
-def read_thumbnails(uri: str, count: int = THUMBNAILS) -> list[Image.Image]:
-    """``count`` frames spread across the video, sampled and decoded as the UDF samples
-    and decodes them (``decode_frames``: upright, any container), RGB, each scaled to fit
-    THUMB_W x THUMB_H. Raises ``Undecodable`` with the reason when the video cannot be
-    read."""
+def read_thumbnails(
+    uri: str, count: int = THUMBNAILS, segment: Segment = WHOLE_VIDEO
+) -> list[Image.Image]:
+    """``count`` frames spread across the video's ``segment`` (by default the whole video),
+    sampled and decoded as the UDF samples and decodes them (``decode_segments``: upright,
+    any container), RGB, each scaled to fit THUMB_W x THUMB_H. Raises ``Undecodable``
+    with the reason when the video cannot be read."""
     from PIL import Image
 
     try:
-        frames = decode_frames(uri, num_frames=count).permute(0, 2, 3, 1).numpy()
+        frames = decode_segments(uri, [segment], num_frames=count)[0].permute(0, 2, 3, 1).numpy()
     except FileNotFoundError as e:
         raise Undecodable("object does not exist") from e
     except (BadVideo, ValueError, RuntimeError) as e:
@@ -66,13 +69,14 @@ class _Strip:
     note: str = ""
 
 
-def _strips(entries: list[tuple[str, str]]) -> list[_Strip]:
-    """A strip per (title, URL); a video that cannot be read any more (deleted since it was
-    indexed) gets an empty strip with the reason instead of failing the whole sheet."""
+def _strips(entries: list[tuple[str, str, Segment]]) -> list[_Strip]:
+    """A strip per (title, URL, segment); a video that cannot be read any more (deleted
+    since it was indexed) gets an empty strip with the reason instead of failing the whole
+    sheet."""
     strips = []
-    for title, uri in entries:
+    for title, uri, segment in entries:
         try:
-            strips.append(_Strip(title, uri, read_thumbnails(uri)))
+            strips.append(_Strip(title, uri, read_thumbnails(uri, segment=segment)))
         except Undecodable as e:
             strips.append(_Strip(title, uri, [], f"unreadable: {e}"))
     return strips
@@ -164,9 +168,10 @@ def _write_html(strips: list[_Strip], path: Path) -> None:
     path.write_text(page, encoding="utf-8")
 
 
-def draw_sheet(entries: list[tuple[str, str]], path: Path) -> None:
-    """Write the sheet of (title, URL) entries, first entry on top and highlighted, as PNG
-    or HTML by ``path``'s suffix."""
+def draw_sheet(entries: list[tuple[str, str, Segment]], path: Path) -> None:
+    """Write the sheet of (title, URL, segment) entries, each strip drawn from its segment
+    (``WHOLE_VIDEO`` for a video), first entry on top and highlighted, as PNG or HTML by
+    ``path``'s suffix."""
     strips = _strips(entries)
     if path.suffix.lower() == ".html":
         _write_html(strips, path)

@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from video_embeddings.decode import decode_with
+from video_embeddings.frames import WHOLE_VIDEO, Segment
+from video_embeddings.segments import Segmenter, segments_chunker
 from video_embeddings.settings import granted_cpus
 from video_embeddings_sheet import Undecodable, draw_sheet, read_thumbnails
 from video_embeddings_udf import (
@@ -58,9 +60,13 @@ __all__ = [
     "Found",
     "Hit",
     "IndexSummary",
+    "SEGMENTS_SUFFIX",
     "SearchResult",
+    "SegmentsSummary",
     "UserError",
+    "clock",
     "find_videos",
+    "index_segments",
     "index",
     "late_interaction",
     "search",
@@ -92,6 +98,13 @@ SETTINGS_KEY = "video_embeddings.settings"
 
 MEAN_SUFFIX = "_mean"
 """The mean-vector column is the embedding column's name plus this suffix."""
+
+SEGMENTS_SUFFIX = "_segments"
+"""The segments view of a table is named after it with this suffix."""
+
+STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
+"""Storage option that creates a table with stable row IDs, which Geneva needs to
+refresh a segments view as rows are added."""
 
 PROGRESS_INTERVAL_S = 2.0
 PROGRESS_QUIET_S = 30.0
@@ -226,6 +239,24 @@ def _build_ann_index(ds: lance.LanceDataset, column: str) -> None:
 
 
 @dataclass(frozen=True)
+class SegmentsSummary:
+    view: str
+    seconds: float
+    stride: float
+    segments: int
+    """Rows of the view."""
+    added: int
+    """Segments this run added."""
+    bad_segments: int
+    """Segments of this run that got the zero tensor."""
+    object_faults: int
+    """Segments of this run left NULL by an object fault; the next run tries them again."""
+    videos_without_segments: list[str]
+    """Embedded videos that have no segment: their duration could not be read."""
+    ann_index: bool
+
+
+@dataclass(frozen=True)
 class IndexSummary:
     found: int
     skipped: int
@@ -240,6 +271,7 @@ class IndexSummary:
     rows: int
     ann_index: bool
     seconds: float
+    segments: SegmentsSummary | None = None
 
 
 def _check_model(model: str, *, hub_timeout_s: float = 10.0) -> None:
@@ -333,8 +365,8 @@ class _Progress:
     video is an ordinary result that becomes visible when the job commits, and ``index``
     counts those then, with their reasons."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self, total: int, noun: str = "videos") -> None:
+        self.total, self.noun = total, noun
         self.start = time.monotonic()
         self.done = 0
         self.failed = 0
@@ -355,10 +387,12 @@ class _Progress:
         self._reported = (self.done, self.failed, now)
         elapsed = now - self.start
         logger.info(
-            "embedding: %d/%d videos, %.2f videos/s, %d failures so far, %.0f s",
+            "embedding: %d/%d %s, %.2f %s/s, %d failures so far, %.0f s",
             self.done,
             self.total,
+            self.noun,
             self.done / elapsed if elapsed > 0 else 0.0,
+            self.noun,
             self.failed,
             elapsed,
         )
@@ -425,7 +459,7 @@ def _bad_video_reason(uri: str, settings: Settings) -> str:
     """Why a video got the zero tensor, found again on this machine by the UDF's own
     decode (the worker that embedded it logged the same reason)."""
     try:
-        decode_with(settings, uri)
+        decode_with(settings, uri, [WHOLE_VIDEO])
     except BadVideo as e:
         return str(e)
     except Exception as e:
@@ -442,12 +476,17 @@ def index(
     manifest: str | None = None,
     build_index: bool = False,
     retry_zeros: bool = False,
+    segment_seconds: float | None = None,
+    segment_stride: float | None = None,
 ) -> IndexSummary:
     """Add the videos under ``sources`` that the table lacks, embed every row that has no
     embedding yet through a Geneva backfill (local Ray, or ``cluster``), try again the rows
     an object fault left NULL (``retry_failed``) and, with ``retry_zeros``, the rows that
     hold the zero tensor; fill the mean-vector column for every row whose embedding is new,
-    and keep the ANN index (past ``ANN_MIN_ROWS`` or when asked)."""
+    and keep the ANN index (past ``ANN_MIN_ROWS`` or when asked).
+
+    With ``segment_seconds`` (or once the table has a segments view) the same is done for
+    the segments view ``<table>_segments`` (``index_segments``)."""
     import geneva
 
     start = time.monotonic()
@@ -465,13 +504,15 @@ def index(
     settings = stored or _env_settings()
     new, pending = _new_and_pending(tbl, settings, found.videos)
     zeros = _zero_rows(tbl.to_lance(), settings) if retry_zeros and tbl is not None else {}
-    if (pending or zeros) and cluster is None:
+    if segment_seconds is not None:
+        _check_segments(db_path, tbl, segment_seconds, segment_stride)
+    if (pending or zeros or segment_seconds is not None) and cluster is None:
         _check_model(settings.model)  # before anything is written
         _check_frames(settings)
 
     db = geneva.connect(db_path)
     if tbl is None:
-        tbl = db.create_table(table, schema=_table_schema(settings))
+        tbl = db.create_table(table, schema=_table_schema(settings), storage_options=STABLE_ROW_IDS)
     if new:
         rows = {settings.video_uri_col: list(new), "size_bytes": list(new.values())}
         tbl.add(pa.table(rows, schema=_table_schema(settings)))
@@ -491,6 +532,9 @@ def index(
             where = rows_filter(list(zeros), f"{emb_col} IS NOT NULL")
             _backfill(tbl, emb_col, {**options, "where": where}, None)
         _fill_means(tbl, settings, options, list(zeros))
+        segments = index_segments(
+            db, tbl, settings, options, segment_seconds, segment_stride, build_index=build_index
+        )
 
     ds = tbl.to_lance()
     this_run = pending | set(zeros.values())
@@ -513,6 +557,126 @@ def index(
         rows=ds.count_rows(),
         ann_index=_has_ann_index(ds, mean_col),  # create_index updates ds
         seconds=time.monotonic() - start,
+        segments=segments,
+    )
+
+
+def _check_segments(
+    db_path: str, tbl: geneva.table.Table | None, seconds: float, stride: float | None
+) -> None:
+    """Segments need a table with stable row IDs (every table ``index`` creates has them),
+    and a view keeps the windows it was created with."""
+    import geneva
+    from geneva.db import dataset_uses_stable_row_ids
+
+    if tbl is None:
+        return
+    if not dataset_uses_stable_row_ids(tbl.to_lance()):
+        raise UserError(
+            f"table {tbl.name} was created without stable row IDs, which a segments view needs "
+            "to refresh as videos are added; index into a new --table or --db for segments"
+        )
+    view = _segments_view(geneva.connect(db_path), tbl.name)
+    if view is not None:
+        segmenter = _segmenter(view)
+        if (segmenter.seconds, segmenter.stride) != (seconds, stride or seconds):
+            raise UserError(
+                f"the segments view {view.name} has {segmenter.seconds:g} s segments every "
+                f"{segmenter.stride:g} s; index it with those, or into a new --table"
+            )
+
+
+def _segments_view(db: geneva.db.Connection, table: str) -> geneva.table.Table | None:
+    """The segments view of ``table``, if it has one."""
+    name = table + SEGMENTS_SUFFIX
+    return db.open_table(name) if name in db.table_names() else None
+
+
+def _segmenter(view: geneva.table.Table) -> Segmenter:
+    """The ``Segmenter`` a segments view was created with, from the chunker Geneva keeps
+    in the view's metadata."""
+    from geneva.packager import ChunkerSpec, unmarshal_chunker
+
+    spec = (view.schema.metadata or {})[b"geneva::view::chunker"]
+    return unmarshal_chunker(ChunkerSpec.from_json(spec.decode())).func  # type: ignore[union-attr]
+
+
+def index_segments(
+    db: geneva.db.Connection,
+    tbl: geneva.table.Table,
+    settings: Settings,
+    options: dict[str, Any],
+    seconds: float | None,
+    stride: float | None,
+    *,
+    build_index: bool,
+) -> SegmentsSummary | None:
+    """Create the segments view ``<table>_segments`` with windows of ``seconds`` every
+    ``stride`` (default: ``seconds``) if asked and missing, refresh it (Geneva expands only
+    the videos added since), embed its rows without an embedding with the table's UDF and
+    settings, try again the rows an object fault left NULL, fill the mean vectors and keep
+    the ANN index, as for videos. ``None`` when the table has no view and none is asked."""
+    view = _segments_view(db, tbl.name)
+    if view is None and seconds is None:
+        return None
+    emb_col, mean_col = settings.embedding_col, settings.embedding_col + MEAN_SUFFIX
+    if view is None:
+        assert seconds is not None
+        view = db.create_udtf_view(
+            tbl.name + SEGMENTS_SUFFIX,
+            source=tbl.search(None).select([settings.video_uri_col]),
+            udtf=segments_chunker(settings, seconds, stride or seconds),
+        )
+        udf, _ = embedding_column(settings)[emb_col]
+        inputs = [settings.video_uri_col, "start_s", "end_s"]
+        view.alter_columns({"path": emb_col, "udf": udf, "input_columns": inputs})
+        view.alter_columns({"path": mean_col, "udf": mean_vector_udf(), "input_columns": [emb_col]})
+    before = view.count_rows()
+    view.refresh(concurrency=options.get("concurrency", 8))
+    view.checkout_latest()
+    pending = view.count_rows(f"{emb_col} IS NULL")
+    if pending:
+        _backfill(view, emb_col, options, _Progress(pending, "segments"))
+    retry_failed(view, emb_col, **options)
+    _fill_means(view, settings, options, [])
+    return _segments_summary(tbl, view, settings, before, build_index=build_index)
+
+
+def _segments_summary(
+    tbl: geneva.table.Table,
+    view: geneva.table.Table,
+    settings: Settings,
+    before: int,
+    *,
+    build_index: bool,
+) -> SegmentsSummary:
+    """Count what the run did to the view, and keep its ANN index."""
+    emb_col, mean_col = settings.embedding_col, settings.embedding_col + MEAN_SUFFIX
+    ds = view.to_lance()
+    new = (
+        ds.to_table(columns=[mean_col, emb_col], offset=before)
+        if before
+        else ds.to_table(columns=[mean_col, emb_col])
+    )
+    faults = new[emb_col].null_count
+    means = new.filter(pa.compute.is_valid(new[mean_col]))[mean_col]
+    zeros = int((~_vectors(means).any(axis=1)).sum()) if len(means) else 0
+    with_segments = set(_uris(ds, settings.video_uri_col))
+    embedded = set(_uris(tbl.to_lance(), settings.video_uri_col, f"{emb_col} IS NOT NULL"))
+    zero_videos = set(_zero_rows(tbl.to_lance(), settings).values())
+    if _wants_ann_index(ds, mean_col, build_index=build_index, changed=len(new) > 0):
+        _build_ann_index(ds, mean_col)
+    segmenter = _segmenter(view)
+    return SegmentsSummary(
+        view=view.name,
+        seconds=segmenter.seconds,
+        stride=segmenter.stride,
+        segments=ds.count_rows(),
+        added=ds.count_rows() - before,
+        bad_segments=zeros,
+        object_faults=faults,
+        videos_without_segments=sorted(embedded - zero_videos - with_segments),
+        ann_index=_has_ann_index(ds, mean_col),
     )
 
 
@@ -623,6 +787,9 @@ class Hit:
     score: float
     row: int
     uri: str
+    start_s: float | None = None
+    """Where the hit starts in its video, in seconds: a segment's; ``None`` for a video."""
+    end_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -633,6 +800,10 @@ class SearchResult:
     ann: bool
     """Whether candidates came from the ANN index (else every row was scored)."""
     hits: list[Hit]
+    moments: bool = False
+    """Whether the hits are segments of the segments view (else videos)."""
+    query_start_s: float | None = None
+    query_end_s: float | None = None
 
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -656,13 +827,16 @@ def _scorer(query: np.ndarray, aggregate: str) -> Callable[[np.ndarray], float]:
     return lambda rows: float(agg(rows) @ target)
 
 
-def _embed_query(uri: str, settings: Settings) -> np.ndarray:
-    """The query video's rows, ``(frames, 1024)`` float32, computed by the table's own UDF
-    with the table's settings (the zero tensor when the UDF cannot process it). The one
-    place this module calls the UDF."""
+def _embed_query(uri: str, settings: Settings, segment: Segment) -> np.ndarray:
+    """The query's rows, ``(frames, 1024)`` float32: the video's, or its ``segment``'s,
+    computed by the table's own UDF with the table's settings (the zero tensor when the
+    UDF cannot process it). The one place this module calls the UDF."""
     udf_instance = VideoEmbedding(settings).func  # type: ignore[attr-defined]
-    column = udf_instance(pa.array([uri], pa.string()))  # a Geneva batch of one row
-    return matrices(column)[0]
+    uris = pa.array([uri], pa.string())  # a Geneva batch of one row
+    if segment == WHOLE_VIDEO:
+        return matrices(udf_instance(uris))[0]
+    starts, ends = pa.array([segment[0]], pa.float64()), pa.array([segment[1]], pa.float64())
+    return matrices(udf_instance(uris, starts, ends))[0]
 
 
 def _query_settings(ds: lance.LanceDataset) -> Settings:
@@ -693,18 +867,19 @@ def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tup
     return uri, matrix
 
 
-def _query_from_uri(uri: str, settings: Settings) -> tuple[str, np.ndarray]:
-    """The query video's URL and embedding. Its frames are read first, so that a video
-    that cannot be decoded fails in a second with the reason, before the model loads."""
+def _query_from_uri(uri: str, settings: Settings, segment: Segment) -> tuple[str, np.ndarray]:
+    """The query video's URL and the embedding of its ``segment``. Its frames are read
+    first, so that a video that cannot be decoded fails in a second with the reason,
+    before the model loads."""
     if "://" not in uri:
         uri = os.path.abspath(uri)
     try:
-        read_thumbnails(uri, 1)
+        read_thumbnails(uri, 1, segment)
     except Undecodable as e:
         raise UserError(f"cannot decode the query video {uri}: {e}") from e
     _check_model(settings.model)
     try:
-        matrix = _embed_query(uri, settings)
+        matrix = _embed_query(uri, settings, segment)
     except (ObjectFault, SystemFault) as e:
         raise UserError(f"cannot embed the query video {uri}: {_one_line(e)}") from e
     if not matrix.any():
@@ -713,12 +888,18 @@ def _query_from_uri(uri: str, settings: Settings) -> tuple[str, np.ndarray]:
 
 
 def _candidates(
-    ds: lance.LanceDataset, settings: Settings, query: np.ndarray, k: int, ann: bool
+    ds: lance.LanceDataset,
+    settings: Settings,
+    query: np.ndarray,
+    k: int,
+    *,
+    ann: bool,
+    moments: bool,
 ) -> Iterator[pa.RecordBatch]:
-    """Batches of (URL, embedding, row) to score: the ANN index's nearest mean vectors,
-    or every embedded row."""
+    """Batches of (URL, embedding, row, and for ``moments`` start and end) to score: the
+    ANN index's nearest mean vectors, or every embedded row."""
     uri_col, emb_col = settings.video_uri_col, settings.embedding_col
-    columns = [uri_col, emb_col, "_rowoffset"]
+    columns = [uri_col, emb_col, "_rowoffset", *(["start_s", "end_s"] if moments else [])]
     if ann:
         nearest = {
             "column": emb_col + MEAN_SUFFIX,
@@ -737,12 +918,16 @@ def search(
     table: str = "videos",
     query_uri: str | None = None,
     query_row: int | None = None,
+    query_segment: Segment = WHOLE_VIDEO,
     k: int = 10,
     aggregate: str = "mean",
+    moments: bool = False,
 ) -> SearchResult:
-    """Rank the table's videos against a query video (a URL embedded with the table's
-    settings, or a row of the table) by the cosine of the chosen aggregation, or by late
-    interaction for ``none``. Rows with the zero tensor are never hits."""
+    """Rank the table's videos, or with ``moments`` the segments of its segments view,
+    against a query (a URL embedded with the table's settings, whole or its
+    ``query_segment``, or a row of what is ranked) by the cosine of the chosen
+    aggregation, or by late interaction for ``none``. Rows with the zero tensor are never
+    hits."""
     import lancedb
 
     if aggregate != "none" and aggregate not in AGGREGATES:
@@ -751,36 +936,67 @@ def search(
             f"{', '.join(AGGREGATES)}, none."
         )
     _check_db(db_path, for_search=True)
+    db = lancedb.connect(db_path)
     try:
-        ds = lancedb.connect(db_path).open_table(table).to_lance()
+        settings = _query_settings(db.open_table(table).to_lance())
     except ValueError as e:
         raise UserError(f"no table {table!r} in {db_path}; run video-embeddings index") from e
-    settings = _query_settings(ds)
+    ranked = table + SEGMENTS_SUFFIX if moments else table
+    try:
+        ds = db.open_table(ranked).to_lance()
+    except ValueError as e:
+        raise UserError(
+            f"no segments view {ranked!r} in {db_path}; run video-embeddings index with "
+            "--segment-seconds"
+        ) from e
     if query_row is not None:
         uri, query = _query_from_row(ds, settings, query_row)
     else:
         assert query_uri is not None
-        uri, query = _query_from_uri(query_uri, settings)
+        uri, query = _query_from_uri(query_uri, settings, query_segment)
 
     score = _scorer(query, aggregate)
     ann = _has_ann_index(ds, settings.embedding_col + MEAN_SUFFIX)
-    scored: list[tuple[float, int, str]] = []
-    for batch in _candidates(ds, settings, query, k, ann):
+    scored: list[tuple[float, int, str, float | None, float | None]] = []
+    for batch in _candidates(ds, settings, query, k, ann=ann, moments=moments):
         uris = batch.column(settings.video_uri_col).to_pylist()
         rows = batch.column("_rowoffset").to_pylist()
-        for u, r, matrix in zip(
-            uris, rows, matrices(batch.column(settings.embedding_col)), strict=True
-        ):
+        starts = batch.column("start_s").to_pylist() if moments else [None] * len(rows)
+        ends = batch.column("end_s").to_pylist() if moments else [None] * len(rows)
+        embeddings = matrices(batch.column(settings.embedding_col))
+        for u, r, start, end, matrix in zip(uris, rows, starts, ends, embeddings, strict=True):
             if matrix.any():  # the zero tensor of a bad video is never a hit
-                scored.append((score(matrix), r, u))
+                scored.append((score(matrix), r, u, start, end))
     scored.sort(key=lambda s: (-s[0], s[1] != query_row, s[1]))  # ties: the query's own row first
-    hits = [Hit(i + 1, s, r, u) for i, (s, r, u) in enumerate(scored[:k])]
-    return SearchResult(uri, query_row, aggregate, ann, hits)
+    hits = [Hit(i + 1, *entry) for i, entry in enumerate(scored[:k])]
+    segment = (None, None) if query_segment == WHOLE_VIDEO else query_segment
+    return SearchResult(uri, query_row, aggregate, ann, hits, moments, *segment)
 
 
 def write_sheet(result: SearchResult, path: Path) -> None:
     """The contact sheet of a search, PNG or HTML by ``path``'s suffix: the query's strip
-    on top, then one strip per hit with its rank, score and name."""
-    entries = [("query", result.query_uri)]
-    entries += [(f"#{h.rank}  score {h.score:.4f}", h.uri) for h in result.hits]
+    on top, then one strip per hit with its rank, score and name, and for a segment its
+    time range, its thumbnails drawn from that segment."""
+    query = _segment(result.query_start_s, result.query_end_s)
+    entries = [(f"query{_time_range(query)}", result.query_uri, query)]
+    for h in result.hits:
+        segment = _segment(h.start_s, h.end_s)
+        title = f"#{h.rank}  score {h.score:.4f}{_time_range(segment)}"
+        entries.append((title, h.uri, segment))
     draw_sheet(entries, path)
+
+
+def _segment(start_s: float | None, end_s: float | None) -> Segment:
+    return WHOLE_VIDEO if start_s is None or end_s is None else (start_s, end_s)
+
+
+def _time_range(segment: Segment) -> str:
+    """``  mm:ss-mm:ss`` for a segment, nothing for a whole video."""
+    return "" if segment == WHOLE_VIDEO else f"  {clock(segment[0])}-{clock(segment[1])}"
+
+
+def clock(seconds: float) -> str:
+    """``mm:ss`` (``h:mm:ss`` from an hour), seconds rounded down."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"

@@ -32,10 +32,10 @@ from video_embeddings.aggregate import (
     aggregate_weighted,
 )
 from video_embeddings.decode import decode_frames
-from video_embeddings.frames import sample_indices
+from video_embeddings.frames import WHOLE_VIDEO, sample_indices
 from video_embeddings.model import embed, pool_to_frames
 from video_embeddings.outcomes import BadVideo, ObjectFault, OutageBudget, SystemFault
-from video_embeddings.pipeline import Runtime, embed_videos, load_runtime
+from video_embeddings.pipeline import Request, Runtime, embed_videos, load_runtime
 from video_embeddings.preprocess import Preprocessing, preprocess, shrink
 from video_embeddings.rows import (
     EMBEDDING_TYPE,
@@ -119,21 +119,29 @@ class VideoEmbedding:
         """The outcomes of the last call that raised an ``ObjectFault``, by URL, while
         Geneva calls its halves again."""
 
-    def __call__(self, video_uri: pa.Array) -> pa.Array:
-        uris = self._uris(video_uri)
-        keys = [str(u) for u in uris]
-        return self._column(keys, self._outcomes(uris, keys))
+    def __call__(
+        self,
+        video_uri: pa.Array,
+        start_s: pa.Array | None = None,
+        end_s: pa.Array | None = None,
+    ) -> pa.Array:
+        """One row per URL: the embedding of the whole video, or with ``start_s`` and
+        ``end_s`` (float64 seconds from the video's start, the columns of a segments view)
+        of that segment, ``[start_s, end_s)``."""
+        requests = self._requests(video_uri, start_s, end_s)
+        keys = [repr(r) for r in requests]
+        return self._column(keys, self._outcomes(requests, keys))
 
     def _outcomes(
-        self, uris: list[str | None], keys: list[str]
+        self, requests: list[Request], keys: list[str]
     ) -> list[np.ndarray | BadVideo | ObjectFault]:
         """Each row's outcome, by its ``keys``: kept from the failed call Geneva is
         bisecting, else computed, and counted by the skip budget (which raises on an
         outage)."""
         if not all(k in self._isolating for k in keys):
             self._isolating.clear()  # a new batch: the last one's isolation is over
-        todo = [(k, u) for u, k in zip(uris, keys, strict=True) if k not in self._isolating]
-        fresh = embed_videos([u for _, u in todo], self._ready(), self.settings) if todo else []
+        todo = [(k, r) for r, k in zip(requests, keys, strict=True) if k not in self._isolating]
+        fresh = embed_videos([r for _, r in todo], self._ready(), self.settings) if todo else []
         self._budget.record(fresh)
         computed = dict(zip((k for k, _ in todo), fresh, strict=True))
         return [computed[k] if k in computed else self._isolating[k] for k in keys]
@@ -156,12 +164,26 @@ class VideoEmbedding:
             self._runtime = load_runtime(self.settings)
         return self._runtime
 
-    def _uris(self, column: pa.Array | pa.ChunkedArray) -> list[str | None]:
+    def _requests(
+        self,
+        uris: pa.Array | pa.ChunkedArray,
+        starts: pa.Array | pa.ChunkedArray | None,
+        ends: pa.Array | pa.ChunkedArray | None,
+    ) -> list[Request]:
+        """Each row's resolved URL and segment (``WHOLE_VIDEO`` without times; a NULL time
+        stands for the video's start or end)."""
         base = self.settings.video_base_path
         values = [
-            v.decode(errors="replace") if isinstance(v, bytes) else v for v in column.to_pylist()
+            v.decode(errors="replace") if isinstance(v, bytes) else v for v in uris.to_pylist()
         ]
-        return [None if v is None else resolve_uri(v, base_path=base) for v in values]
+        resolved = [None if v is None else resolve_uri(v, base_path=base) for v in values]
+        if starts is None or ends is None:
+            return [(u, WHOLE_VIDEO) for u in resolved]
+        segments = [
+            (WHOLE_VIDEO[0] if s is None else s, WHOLE_VIDEO[1] if e is None else e)
+            for s, e in zip(starts.to_pylist(), ends.to_pylist(), strict=True)
+        ]
+        return list(zip(resolved, segments, strict=True))
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the output-defining settings and the pipeline's version only: a loaded

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import video_embeddings_udf as vu  # noqa: E402
+from video_embeddings.frames import WHOLE_VIDEO  # noqa: E402
 from video_embeddings.model import embed  # noqa: E402
 from video_embeddings.pipeline import Runtime  # noqa: E402
 from video_embeddings.preprocess import preprocess  # noqa: E402
@@ -153,7 +154,7 @@ def decode_only(videos: list[str], settings: Settings, rt: Runtime) -> float:
     no row deadline."""
 
     def one(uri: str) -> None:
-        rt.engines.decode(uri, settings, lambda frames: frames, deadline=math.inf)
+        rt.engines.decode(uri, [WHOLE_VIDEO], settings, lambda frames: frames, deadline=math.inf)
 
     with ThreadPoolExecutor(rt.engines.size) as pool:
         return rate(len(videos), lambda: list(pool.map(one, videos)))

@@ -320,7 +320,7 @@ def test_sequential_decode_gives_ffmpegs_frames(name: str, corpus: dict[str, Pat
     with path.open("rb") as f:
         p = probe(f, max_pixels=MAX_PIXELS)
         count = count_frames(f, max_pixels=MAX_PIXELS)
-        got = decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+        got = decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
     n, want = sampled_reference(name, path, p)
     assert count == n
     if name == "size change.ts":
@@ -343,7 +343,7 @@ def test_routing(name: str, corpus: dict[str, Path], monkeypatch: pytest.MonkeyP
         steps.append(mode)
         return new_decoder(video_decoder, source, device, mode)  # type: ignore[arg-type]
 
-    def recording_sequential(*args: object, **kwargs: object) -> torch.Tensor:
+    def recording_sequential(*args: object, **kwargs: object) -> list[torch.Tensor]:
         steps.append("sequential")
         return sequential_decode(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -446,7 +446,7 @@ def test_one_frame_is_enough(tmp_path: Path) -> None:
     path = tmp_path / "one frame.mp4"
     ffmpeg(*TESTSRC[:4], "-frames:v", "1", "-c:v", "libx264", path)
     with path.open("rb") as f:
-        got = decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+        got = decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
     assert_frames_match(got, shrunk(cli_frames(path) * NUM_FRAMES))
 
 
@@ -458,7 +458,7 @@ def test_no_frame_decodes(tmp_path: Path) -> None:
     path = tmp_path / "all damaged.mp4"
     path.write_bytes(data)
     with path.open("rb") as f, pytest.raises(BadVideo, match="video stream has no frames"):
-        decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+        decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
 
 
 def test_no_video_stream(tmp_path: Path) -> None:
@@ -480,7 +480,7 @@ def test_not_a_video(tmp_path: Path) -> None:
     path = tmp_path / "text.mp4"
     path.write_bytes(b"this is not a video\n" * 100)
     with path.open("rb") as f, pytest.raises(BadVideo, match="Invalid data"):
-        decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+        decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
 
 
 def test_frame_over_max_pixels_after_a_size_change(corpus: dict[str, Path]) -> None:
@@ -489,7 +489,7 @@ def test_frame_over_max_pixels_after_a_size_change(corpus: dict[str, Path]) -> N
         p = probe(f, max_pixels=MAX_PIXELS)
         assert (p.width, p.height) == (160, 120)
         with pytest.raises(BadVideo, match="320x240 .* over MAX_PIXELS"):
-            decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=160 * 120)
+            decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=160 * 120)[0]
 
 
 def test_shrink_gets_runs_of_one_size(
@@ -505,7 +505,7 @@ def test_shrink_gets_runs_of_one_size(
         return SHRINK(frames)
 
     with corpus["size change.ts"].open("rb") as f:
-        decode_sequential(f, num_frames=NUM_FRAMES, shrink=recording, max_pixels=MAX_PIXELS)
+        decode_sequential(f, num_frames=NUM_FRAMES, shrink=recording, max_pixels=MAX_PIXELS)[0]
     assert calls == [(2, 3, 120, 160)] * 4 + [(1, 3, 240, 320)] * 8
 
 
@@ -516,10 +516,10 @@ def test_through_a_storage_reader(name: str, corpus: dict[str, Path]) -> None:
     data = corpus[name].read_bytes()
     assert name != "damaged.mp4" or data.index(b"moov") > data.index(b"mdat")
     with corpus[name].open("rb") as f:
-        want = decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+        want = decode_sequential(f, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
     reader = StorageReader(io.BytesIO(data))
     assert probe(reader, max_pixels=MAX_PIXELS) == probe(io.BytesIO(data), max_pixels=MAX_PIXELS)
-    got = decode_sequential(reader, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+    got = decode_sequential(reader, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
     assert torch.equal(got, want)
 
 
@@ -536,7 +536,7 @@ def test_storage_error_is_not_a_bad_video(corpus: dict[str, Path]) -> None:
 
     reader = StorageReader(Failing(data))
     with pytest.raises(TimeoutError, match="read timed out"):
-        decode_sequential(reader, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)
+        decode_sequential(reader, num_frames=NUM_FRAMES, shrink=SHRINK, max_pixels=MAX_PIXELS)[0]
 
 
 def test_fallback_errors() -> None:

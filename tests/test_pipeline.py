@@ -18,6 +18,7 @@ from transformers.models.vjepa2 import VJEPA2VideoProcessor
 import video_embeddings.frames
 import video_embeddings_udf as vu
 from video_embeddings.decode import DecodeEngines
+from video_embeddings.frames import WHOLE_VIDEO
 from video_embeddings.outcomes import SystemFault
 from video_embeddings_udf import EMBEDDING_TYPE, Preprocessing, Settings
 
@@ -118,8 +119,8 @@ def test_nvdec_unavailable_falls_back_to_the_cpu(
     expected = vu.decode_frames(video, num_frames=8, block_size=s.block_size)
     deadline = time.monotonic() + 60
     with caplog.at_level(logging.WARNING, logger="video_embeddings"):
-        first = engines.decode(video, s, lambda f: f, deadline=deadline)
-        second = engines.decode(video, s, lambda f: f, deadline=deadline)
+        (first,) = engines.decode(video, [WHOLE_VIDEO], s, lambda f: f, deadline=deadline)
+        (second,) = engines.decode(video, [WHOLE_VIDEO], s, lambda f: f, deadline=deadline)
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert [r.getMessage() for r in caplog.records] == [
         "this torchcodec build has no CUDA decoder: decoding on the CPU"
@@ -128,4 +129,4 @@ def test_nvdec_unavailable_falls_back_to_the_cpu(
     strict = DecodeEngines(nvdec=1, cpu=0)
     strict_settings = Settings(num_frames=8, decode_device="cuda")
     with pytest.raises(SystemFault, match=r"VIDEO_DECODE_DEVICE=cuda, but this torchcodec"):
-        strict.decode(video, strict_settings, lambda f: f, deadline=deadline)
+        strict.decode(video, [WHOLE_VIDEO], strict_settings, lambda f: f, deadline=deadline)

@@ -11,6 +11,7 @@ import pytest
 from conftest import frame_indices, make_index_clip
 from PIL import Image
 
+from video_embeddings.frames import WHOLE_VIDEO
 from video_embeddings_sheet import (
     LABEL_W,
     PAD,
@@ -45,7 +46,8 @@ def test_png_sheet_has_one_strip_per_entry_and_survives_a_missing_video(
 ) -> None:
     clip = make_index_clip(tmp_path / "ten.mp4", 10)
     out = tmp_path / "sheet.png"
-    draw_sheet([("query", str(clip)), ("#1", str(clip)), ("#2", str(tmp_path / "gone.mp4"))], out)
+    entries = [("query", str(clip)), ("#1", str(clip)), ("#2", str(tmp_path / "gone.mp4"))]
+    draw_sheet([(title, uri, WHOLE_VIDEO) for title, uri in entries], out)
     image = Image.open(out)
     assert image.size == (SHEET_W, 3 * STRIP_H)
     pixels = np.asarray(image.convert("L")).astype(int)

@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from video_embeddings.frames import (
+    WHOLE_VIDEO,
+    Segment,
     frames_per_run,
     in_order,
-    sample_indices,
-    sample_times,
+    segment_indices,
+    segment_times,
     shrink_in_runs,
 )
 from video_embeddings.outcomes import BadVideo, SystemFault, decode_fault
@@ -46,7 +48,9 @@ __all__ = [
     "SEEK_BLOCK_SIZE",
     "KEY_FRAMES_PER_SAMPLE",
     "DecodeEngines",
+    "SEGMENT_BLOCKS",
     "decode_frames",
+    "decode_segments",
     "decode_with",
 ]
 
@@ -55,6 +59,12 @@ logger = logging.getLogger(__name__)
 NVDEC_STREAMS = 8
 """Clips decoded at once on NVDEC: torchcodec's direct backend peaked at 8 threads on an
 H100 (27.5 clips/s, docs/performance.md)."""
+
+SEGMENT_BLOCKS = 8
+"""A decode of segments that seeks reads them in about this many blocks (at least
+``SEEK_BLOCK_SIZE``, at most ``BLOCK_SIZE``): the block past a segment's end is read in
+vain, so the bytes read stay within an eighth of those the segments need, in a few GETs
+per segment."""
 
 SEEK_BLOCK_SIZE = 256 * KIB
 """Read size for a video read in part: each sampled frame needs the bytes from its key
@@ -72,8 +82,15 @@ anyway and ``BLOCK_SIZE`` blocks take fewer GETs (a 20-minute MP4 with a key fra
 Shrink = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
-def decode_frames(
+def decode_frames(uri: str, *, num_frames: int, **options: Any) -> torch.Tensor:
+    """The video's sampled frames, ``(T, C, H, W)`` uint8 (``T = num_frames``), spread over
+    the whole video: ``decode_segments`` of ``WHOLE_VIDEO``, with the same ``options``."""
+    return decode_segments(uri, [WHOLE_VIDEO], num_frames=num_frames, **options)[0]
+
+
+def decode_segments(
     uri: str,
+    segments: Sequence[Segment],
     *,
     num_frames: int,
     block_size: int = Settings.block_size,
@@ -83,22 +100,24 @@ def decode_frames(
     device: str = "cpu",
     shrink: Shrink | None = None,
     deadline: float | None = None,
-) -> torch.Tensor:
-    """Stream ``uri`` into a decoder and return its sampled frames, ``(T, C, H, W)`` uint8
-    (``T = num_frames``), upright (the stream's display matrix applied) and passed run by
-    run through ``shrink`` when given: what the model sees, to debug an embedding.
+) -> list[torch.Tensor]:
+    """Stream ``uri`` into a decoder once and return the sampled frames of each of
+    ``segments`` (``(start_s, end_s)`` from the stream's start, or ``WHOLE_VIDEO``), each
+    ``(T, C, H, W)`` uint8 (``T = num_frames``), upright (the stream's display matrix
+    applied) and passed run by run through ``shrink`` when given: what the model sees, to
+    debug an embedding.
 
     In an MP4/MOV, which records every frame's duration, the frames are those on screen
-    at ``sample_times``: uniform in presentation time. Elsewhere they are the frames at
-    ``sample_indices``, ``round(linspace(0, n - 1, T))`` of the ``n`` frames; at a
-    constant frame rate both are the same frames. Three decodes, chosen by container and
-    stream (``sequential.probe``):
+    at ``segment_times``: uniform in presentation time. Elsewhere they are the frames at
+    ``segment_indices``, for the whole video ``round(linspace(0, n - 1, T))`` of the ``n``
+    frames; at a constant frame rate both are the same frames. Three decodes, chosen by
+    container and stream (``sequential.probe``):
 
     - an MP4/MOV larger than ``block_size`` whose header indexes every frame is read by
       seeking through that index to each frame (torchcodec's ``seek_mode="approximate"``),
-      forward only: in ``SEEK_BLOCK_SIZE`` blocks, so in part, where it has at least
-      ``KEY_FRAMES_PER_SAMPLE`` key frames per sampled frame, else in ``block_size``
-      blocks, each read once. If that fails, the video is read whole as below;
+      forward only, in blocks of ``_seek_block_size``: only the stretches the segments
+      cover, and of those only part where key frames are dense. If that fails, the video
+      is read whole as below;
     - MPEG-TS/PS, Ogg, raw streams, B-frames in AVI and timestamps shared by frames are
       decoded front to back by ``sequential.decode_sequential``, which counts frames
       instead of trusting timestamps;
@@ -108,42 +127,71 @@ def decode_frames(
 
     One attempt, no retries. Raises ``BadVideo`` for a video that cannot be processed
     (undecodable, no video stream, frames over ``max_pixels``, object over ``max_bytes``,
-    a URL ``allowed_prefixes`` refuses), ``SystemFault`` for exhausted memory, a CUDA
-    error or a missing FFmpeg, and a storage error (``FileNotFoundError``,
-    ``PermissionError``, ``TimeoutError``, an HTTP error) as the filesystem raised it.
-    Past ``deadline`` (``time.monotonic()`` seconds) reads raise ``ObjectFault``.
+    a URL ``allowed_prefixes`` refuses, a segment past the video's end), ``SystemFault``
+    for exhausted memory, a CUDA error or a missing FFmpeg, and a storage error
+    (``FileNotFoundError``, ``PermissionError``, ``TimeoutError``, an HTTP error) as the
+    filesystem raised it. Past ``deadline`` (``time.monotonic()`` seconds) reads raise
+    ``ObjectFault``.
 
     A header that declares a huge frame count or duration changes nothing: the header is
     trusted only where its frame count equals its index's, and the exact scan counts the
     frames that exist. A frame larger than ``max_pixels`` is refused before any is
     decoded."""
     video_decoder = _video_decoder_class()
-    whole = (video_decoder, num_frames, max_pixels, device, shrink)
+    whole = (video_decoder, segments, num_frames, max_pixels, device, shrink)
     options: dict[str, Any] = {
         "allowed_prefixes": allowed_prefixes, "max_bytes": max_bytes, "deadline": deadline
     }  # fmt: skip
     with _reading(uri, block_size, **options) as reader:
         if reader.size <= block_size:
             return _decode_whole(uri, reader, _probe(reader, max_pixels), *whole)
-    seek_block_size = min(block_size, SEEK_BLOCK_SIZE)
-    with _reading(uri, seek_block_size, **options) as reader:
+    probe_block_size = min(block_size, SEEK_BLOCK_SIZE)
+    with _reading(uri, probe_block_size, **options) as reader:
         p = _probe(reader, max_pixels)
         seeks = p.constant_rate and not needs_sequential(p)
-        dense = p.key_frames >= KEY_FRAMES_PER_SAMPLE * num_frames
-        if seeks and (dense or seek_block_size == block_size):
+        seek_block_size = _seek_block_size(reader.size, p, segments, num_frames, block_size)
+        if seeks and seek_block_size == probe_block_size:
             frames = _seek_to_samples(uri, reader, p, *whole)
             if frames is not None:
                 return frames
             seeks = False
-        if seek_block_size == block_size:
+        if not seeks and probe_block_size == block_size:
             reader.seek(0)
             return _decode_whole(uri, reader, p, *whole)
+    if seeks:
+        with _reading(uri, seek_block_size, **options) as reader:
+            frames = _seek_to_samples(uri, reader, p, *whole)
+            if frames is not None:
+                return frames
+            if seek_block_size == block_size:
+                reader.seek(0)
+                return _decode_whole(uri, reader, p, *whole)
     with _reading(uri, block_size, **options) as reader:
-        frames = _seek_to_samples(uri, reader, p, *whole) if seeks else None
-        if frames is not None:
-            return frames
-        reader.seek(0)
         return _decode_whole(uri, reader, p, *whole)
+
+
+def _seek_block_size(
+    size: int, p: Probe, segments: Sequence[Segment], num_frames: int, block_size: int
+) -> int:
+    """The block size for reading the video ``p`` describes by seeking: ``SEEK_BLOCK_SIZE``
+    where it has at least ``KEY_FRAMES_PER_SAMPLE`` key frames per sampled frame in the
+    stretches ``segments`` cover (each sample then needs a small part of the file); else,
+    for the whole video, ``block_size`` (the samples cover most of the file) and, for
+    segments, a ``SEGMENT_BLOCKS``-th of the bytes they cover, between the two sizes."""
+    covered = _covered(segments, p.duration)
+    if p.key_frames * covered >= KEY_FRAMES_PER_SAMPLE * num_frames * len(segments):
+        return min(block_size, SEEK_BLOCK_SIZE)
+    if covered >= 1:
+        return block_size
+    return min(block_size, max(SEEK_BLOCK_SIZE, int(size * covered / SEGMENT_BLOCKS)))
+
+
+def _covered(segments: Sequence[Segment], duration: float) -> float:
+    """The fraction of a video of ``duration`` seconds that ``segments`` cover (overlaps
+    counted twice); 1.0 when the duration is unknown."""
+    if not duration > 0:
+        return 1.0
+    return sum(max(0.0, min(end, duration) - start) for start, end in segments) / duration
 
 
 def _seek_to_samples(
@@ -151,14 +199,16 @@ def _seek_to_samples(
     reader: StorageReader,
     p: Probe,
     video_decoder: type,
+    segments: Sequence[Segment],
     num_frames: int,
     max_pixels: int,
     device: str,
     shrink: Shrink | None,
-) -> torch.Tensor | None:
-    """The sampled frames of an indexed MP4/MOV, found by seeking through its index
-    (torchcodec's approximate mode): the reads go forward, one block at a time, so no
-    block is read twice. ``None`` if that fails: reading the whole file then decides."""
+) -> list[torch.Tensor] | None:
+    """The sampled frames of each segment of an indexed MP4/MOV, found by seeking through
+    its index (torchcodec's approximate mode): the reads go forward, one block at a time,
+    so no block is read twice. ``None`` if that fails: reading the whole file then
+    decides."""
     logger.debug(
         "finding the frames of %s by seeking, in %d-byte blocks", redact(uri), reader.block_size
     )
@@ -169,7 +219,7 @@ def _seek_to_samples(
             raise BadVideo(
                 f"the stream starts at {decoder.metadata.begin_stream_seconds_from_header} s"
             )
-        return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
+        return _decode_sampled(decoder, reader, p, segments, num_frames, max_pixels, shrink)
     except BadVideo as e:
         logger.info("reading %s whole: seeking failed (%s)", redact(uri), e)
         return None
@@ -196,27 +246,35 @@ def _decode_whole(
     reader: StorageReader,
     p: Probe,
     video_decoder: type,
+    segments: Sequence[Segment],
     num_frames: int,
     max_pixels: int,
     device: str,
     shrink: Shrink | None,
-) -> torch.Tensor:
-    """The sampled frames of the video ``p`` describes, read from its start: front to
-    back where ``needs_sequential`` or torchcodec's scan fails, else by torchcodec's exact
-    scan, which reads the whole file and then seeks back to each sampled frame's key
-    frame: a file over ``CACHE_BYTES`` may read blocks twice."""
+) -> list[torch.Tensor]:
+    """The sampled frames of each segment of the video ``p`` describes, read from its
+    start: front to back where ``needs_sequential`` or torchcodec's scan fails, else by
+    torchcodec's exact scan, which reads the whole file and then seeks back to each
+    sampled frame's key frame: a file over ``CACHE_BYTES`` may read blocks twice."""
     if needs_sequential(p):
         logger.debug("decoding %s front to back (%s, %s)", redact(uri), p.format_name, p.codec)
     else:
         try:
             decoder = _new_decoder(video_decoder, reader, device, "exact")
-            return _decode_sampled(decoder, reader, p, num_frames, max_pixels, shrink)
+            return _decode_sampled(decoder, reader, p, segments, num_frames, max_pixels, shrink)
         except BadVideo as e:
             if not is_fallback_error(e):
                 raise
             logger.info("decoding %s front to back: torchcodec failed (%s)", redact(uri), e)
         reader.seek(0)
-    return decode_sequential(reader, num_frames=num_frames, shrink=shrink, max_pixels=max_pixels)
+    return decode_sequential(
+        reader,
+        num_frames=num_frames,
+        shrink=shrink,
+        max_pixels=max_pixels,
+        segments=segments,
+        duration=p.duration,
+    )
 
 
 def _probe(reader: StorageReader, max_pixels: int) -> Probe:
@@ -233,27 +291,34 @@ def _decode_sampled(
     decoder: Any,
     reader: StorageReader,
     p: Probe,
+    segments: Sequence[Segment],
     num_frames: int,
     max_pixels: int,
     shrink: Shrink | None,
-) -> torch.Tensor:
-    """The sampled frames from torchcodec's ``decoder`` over ``reader``, turned upright as
-    ``p`` says and shrunk run by run: those on screen at ``sample_times`` in an MP4/MOV,
-    which records every frame's duration, else those at ``sample_indices``."""
+) -> list[torch.Tensor]:
+    """The sampled frames of each segment from torchcodec's ``decoder`` over ``reader``,
+    turned upright as ``p`` says and shrunk run by run: those on screen at
+    ``segment_times`` in an MP4/MOV, which records every frame's duration, else those at
+    ``segment_indices``. Frames shared by segments are decoded once."""
     try:
         meta = decoder.metadata
         _check_frame_size(meta, max_pixels)
         by_time = p.format_name == ISO_MEDIA
+        count = meta.num_frames or 0
         if by_time:
             begin, end = meta.begin_stream_seconds, meta.end_stream_seconds
-            keys: list[Any] = sample_times(begin, end, meta.num_frames or 0, num_frames)
+            keys: list[list[Any]] = [
+                segment_times(begin, end, count, s, num_frames) for s in segments
+            ]
         else:
-            keys = sample_indices(meta.num_frames or 0, num_frames)
+            keys = [segment_indices(count, p.duration, s, num_frames) for s in segments]
+        wanted = sorted({key for each in keys for key in each})
         upright = (
             (run_keys, rotate(run, p.rotation, p.hflip))
-            for run_keys, run in _frames(decoder, sorted(set(keys)), by_time=by_time)
+            for run_keys, run in _frames(decoder, wanted, by_time=by_time)
         )
-        return in_order(shrink_in_runs(upright, shrink), keys)
+        kept = shrink_in_runs(upright, shrink)
+        return [in_order(kept, each) for each in keys]
     except (ValueError, RuntimeError, IndexError) as e:
         if reader.error is not None:
             raise reader.error from None
@@ -332,11 +397,14 @@ def _new_decoder(video_decoder: type, source: StorageReader, device: str, seek_m
         raise decode_fault(e) from e
 
 
-def decode_with(settings: Settings, uri: str, **options: Any) -> torch.Tensor:
-    """``decode_frames`` with the frame count, block size, URL policy and size limits of
+def decode_with(
+    settings: Settings, uri: str, segments: Sequence[Segment], **options: Any
+) -> list[torch.Tensor]:
+    """``decode_segments`` with the frame count, block size, URL policy and size limits of
     ``settings``; ``options`` are ``device``, ``shrink`` and ``deadline``."""
-    return decode_frames(
+    return decode_segments(
         uri,
+        segments,
         num_frames=settings.num_frames,
         block_size=settings.block_size,
         allowed_prefixes=settings.allowed_uri_prefixes,
@@ -368,8 +436,14 @@ class DecodeEngines:
         self._nvdec_missing = False
 
     def decode(
-        self, uri: str, settings: Settings, shrink: Callable[..., Any], *, deadline: float
-    ) -> torch.Tensor:
+        self,
+        uri: str,
+        segments: Sequence[Segment],
+        settings: Settings,
+        shrink: Callable[..., Any],
+        *,
+        deadline: float,
+    ) -> list[torch.Tensor]:
         """Decode on the engine lent; a clip NVDEC cannot take (AV1 on an H100, say) is
         decoded again on the CPU before it counts as a bad video."""
         device = self._free.get()
@@ -377,11 +451,13 @@ class DecodeEngines:
             if device == "cuda":
                 try:
                     return decode_with(
-                        settings, uri, device="cuda", shrink=shrink, deadline=deadline
+                        settings, uri, segments, device="cuda", shrink=shrink, deadline=deadline
                     )
                 except BadVideo as e:
                     self._note_nvdec_failure(uri, e, settings)
-            return decode_with(settings, uri, device="cpu", shrink=shrink, deadline=deadline)
+            return decode_with(
+                settings, uri, segments, device="cpu", shrink=shrink, deadline=deadline
+            )
         finally:
             if not (device == "cuda" and self._nvdec_missing):
                 self._free.put(device)

@@ -3,6 +3,7 @@ the model's size: a bounded run of full-size frames at a time, each run of one s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -16,14 +17,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FRAME_CHUNK_BYTES",
+    "WHOLE_VIDEO",
+    "Segment",
     "frames_per_run",
     "in_order",
     "sample_indices",
     "sample_times",
+    "segment_indices",
+    "segment_times",
     "shrink_in_runs",
 ]
 
 K = TypeVar("K", bound=Hashable)
+
+Segment = tuple[float, float]
+"""``(start_s, end_s)``: a stretch of a video, in seconds from the start of its stream."""
+
+WHOLE_VIDEO: Segment = (0.0, math.inf)
+"""The segment that is the whole video: its frames are sampled over the whole stream."""
 
 FRAME_CHUNK_BYTES = 64 * MIB
 """Full-resolution frames one decode thread holds at once: each run is shrunk to the
@@ -59,6 +70,47 @@ def sample_times(begin: float, end: float, num_video_frames: int, num_frames: in
         raise BadVideo(f"video stream has no duration (from {begin} s to {end} s)")
     slot = (end - begin) / num_video_frames
     return [begin + (i + 0.5) * slot for i in indices]
+
+
+def segment_times(
+    begin: float, end: float, num_video_frames: int, segment: Segment, num_frames: int
+) -> list[float]:
+    """``sample_times`` within ``segment`` of a stream shown from ``begin`` to ``end``
+    seconds with ``num_video_frames`` frames: the segment is cut into as many slots as it
+    holds frames at the stream's average rate, and the middles of the slots
+    ``sample_indices`` picks are returned, in seconds. For ``WHOLE_VIDEO`` this is
+    ``sample_times(begin, end, num_video_frames, num_frames)``. Raises ``BadVideo`` for a
+    segment that starts at or after the stream's end."""
+    first = begin + segment[0]
+    last = min(end, begin + segment[1])
+    if not last > first:
+        raise BadVideo(f"segment {_span(segment)} is past the video's end ({end - begin:.3f} s)")
+    slots = max(1, round(num_video_frames * (last - first) / (end - begin)))
+    return sample_times(first, last, slots, num_frames)
+
+
+def segment_indices(
+    num_video_frames: int, duration: float, segment: Segment, num_frames: int
+) -> list[int]:
+    """``sample_indices`` within ``segment`` of a video of ``num_video_frames`` frames
+    over ``duration`` seconds: the frames from ``round(n * start / duration)`` up to
+    ``round(n * end / duration)``, sampled as ``sample_indices`` samples a whole video
+    (so for ``WHOLE_VIDEO`` exactly ``sample_indices(n, num_frames)``). The frame rate is
+    taken as constant. Raises ``BadVideo`` for a stream without frames, a segment past the
+    last frame, or a segment of a video whose duration is unknown."""
+    if segment == WHOLE_VIDEO:
+        return sample_indices(num_video_frames, num_frames)
+    if not duration > 0:
+        raise BadVideo(f"segment {_span(segment)} of a video whose duration is unknown")
+    first = round(num_video_frames * segment[0] / duration)
+    stop = max(first + 1, round(num_video_frames * min(segment[1], duration) / duration))
+    if first >= num_video_frames:
+        raise BadVideo(f"segment {_span(segment)} is past the video's end ({duration:.3f} s)")
+    return [first + i for i in sample_indices(min(stop, num_video_frames) - first, num_frames)]
+
+
+def _span(segment: Segment) -> str:
+    return f"[{segment[0]:g} s, {segment[1]:g} s)"
 
 
 def shrink_in_runs(

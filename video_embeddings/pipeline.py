@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from video_embeddings.decode import NVDEC_STREAMS, DecodeEngines
+from video_embeddings.frames import WHOLE_VIDEO, Segment
 from video_embeddings.model import Model, embed_clips, load_model
 from video_embeddings.outcomes import BadVideo, ObjectFault, SystemFault
 from video_embeddings.preprocess import shrink
@@ -24,7 +25,7 @@ from video_embeddings.urls import redact
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Runtime", "embed_videos", "load_runtime"]
+__all__ = ["SEGMENTS_PER_DECODE", "Request", "Runtime", "embed_videos", "load_runtime"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,57 +80,91 @@ def _ray_node() -> str:
     return f" on Ray node {ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else ""
 
 
+SEGMENTS_PER_DECODE = 16
+"""Rows of one video next to each other in a batch (its segments) that one decode reads
+together, in one pass over their stretch of the file: each decode reads the container's
+header again, and a file read whole is read once per decode."""
+
+Request = tuple["str | None", Segment]
+"""A row to embed: the video's URL (``None`` for a NULL) and its segment."""
+
+
 def _decode_task(
-    uri: str | None, rt: Runtime, settings: Settings, deadlines: dict[int, float], row: int
-) -> torch.Tensor:
-    """One row's clip, ``(T, C, crop, crop)`` uint8 on the model's device, with storage
-    faults retried until the row's deadline, ``ROW_DEADLINE_S`` from now (noted in
-    ``deadlines`` for the waiting thread)."""
-    deadline = deadlines[row] = time.monotonic() + settings.row_deadline_s
+    uri: str | None,
+    segments: list[Segment],
+    rt: Runtime,
+    settings: Settings,
+    deadlines: dict[int, float],
+    task: int,
+) -> list[torch.Tensor]:
+    """One video's clips, one per segment, each ``(T, C, crop, crop)`` uint8 on the model's
+    device, with storage faults retried until the task's deadline, ``ROW_DEADLINE_S`` per
+    segment from now (noted in ``deadlines`` for the waiting thread)."""
+    deadline = deadlines[task] = time.monotonic() + settings.row_deadline_s * len(segments)
     if uri is None or not uri.strip():
         raise BadVideo("no video URL")
     on_device = functools.partial(shrink, p=rt.model.preprocessing, device=rt.model.device)
     return read_with_retries(
-        lambda: rt.engines.decode(uri, settings, on_device, deadline=deadline),
+        lambda: rt.engines.decode(uri, segments, settings, on_device, deadline=deadline),
         what=uri,
         deadline=deadline,
     )
 
 
+def _tasks(requests: list[Request]) -> Iterator[tuple[list[int], str | None, list[Segment]]]:
+    """``(rows, URL, segments)`` per decode: consecutive rows of one video, at most
+    ``SEGMENTS_PER_DECODE``, share one."""
+    rows: list[int] = []
+    for row, (uri, _) in enumerate(requests):
+        if rows and (uri != requests[rows[0]][0] or len(rows) == SEGMENTS_PER_DECODE):
+            yield rows, requests[rows[0]][0], [requests[r][1] for r in rows]
+            rows = []
+        rows.append(row)
+    if rows:
+        yield rows, requests[rows[0]][0], [requests[r][1] for r in rows]
+
+
 def _decoded(
-    uris: list[str | None], rt: Runtime, settings: Settings
+    requests: list[Request], rt: Runtime, settings: Settings
 ) -> Iterator[tuple[int, torch.Tensor | BadVideo | ObjectFault]]:
-    """Yield ``(row, clip or fault)`` as decodes finish. At most one window of decodes is
-    running or waiting for the model, which bounds memory. A row still running
-    ``ROW_DEADLINE_S`` after its decode started, or not started twice that long after it
+    """Yield ``(row, clip or fault)`` as decodes finish. At most one window of rows is
+    being decoded or waiting for the model, which bounds memory. A decode still running
+    ``ROW_DEADLINE_S`` per row after it started, or not started twice that long after it
     was queued (the decode threads held by stalled reads), is given up as an
-    ``ObjectFault``: its thread stops at its next read, and the call does not wait."""
+    ``ObjectFault`` for each of its rows: its thread stops at its next read, and the call
+    does not wait."""
     window = rt.engines.size + settings.embed_batch
-    rows = iter(enumerate(uris))
-    running: dict[Future[torch.Tensor], tuple[int, float]] = {}
+    tasks = iter(enumerate(_tasks(requests)))
+    running: dict[Future[list[torch.Tensor]], tuple[int, list[int], float]] = {}
     deadlines: dict[int, float] = {}  # set by each decode when it starts
 
-    def deadline(row: int, queued: float) -> float:
-        return deadlines.get(row, queued + 2 * settings.row_deadline_s)
+    def deadline(task: int, rows: list[int], queued: float) -> float:
+        return deadlines.get(task, queued + 2 * settings.row_deadline_s * len(rows))
+
+    def in_flight() -> int:
+        return sum(len(rows) for _, rows, _ in running.values())
 
     try:
         while True:
-            while len(running) < window and (item := next(rows, None)) is not None:
-                future = _submit(rt, item[1], settings, deadlines, item[0])
-                running[future] = (item[0], time.monotonic())
+            while in_flight() < window and (item := next(tasks, None)) is not None:
+                task, (rows, uri, segments) = item
+                future = _submit(rt, uri, segments, settings, deadlines, task)
+                running[future] = (task, rows, time.monotonic())
             if not running:
                 return
             first = min(deadline(*entry) for entry in running.values())
             timeout = min(first - time.monotonic(), _POLL_S)
             done, _ = wait(running, timeout=max(0.0, timeout), return_when=FIRST_COMPLETED)
             for future in done:
-                yield running.pop(future)[0], _clip_or_fault(future)
-            for future, (row, queued) in list(running.items()):
-                if time.monotonic() >= deadline(row, queued):
+                rows = running.pop(future)[1]
+                yield from zip(rows, _clips_or_fault(future, len(rows)), strict=True)
+            for future, (task, rows, queued) in list(running.items()):
+                if time.monotonic() >= deadline(task, rows, queued):
                     del running[future]
                     future.cancel()  # a decode that has not started never will
                     seconds = f"{settings.row_deadline_s:g} s"
-                    yield row, ObjectFault(f"no result within ROW_DEADLINE_S ({seconds})")
+                    fault = ObjectFault(f"no result within ROW_DEADLINE_S ({seconds}) per row")
+                    yield from ((row, fault) for row in rows)
     finally:
         for future in running:
             future.cancel()
@@ -141,39 +176,53 @@ sets its own."""
 
 
 def _submit(
-    rt: Runtime, uri: str | None, settings: Settings, deadlines: dict[int, float], row: int
-) -> Future[torch.Tensor]:
-    """Queue one row's decode; a decode thread that cannot start is a system fault."""
+    rt: Runtime,
+    uri: str | None,
+    segments: list[Segment],
+    settings: Settings,
+    deadlines: dict[int, float],
+    task: int,
+) -> Future[list[torch.Tensor]]:
+    """Queue one decode; a decode thread that cannot start is a system fault."""
     try:
-        return rt.pool.submit(_decode_task, uri, rt, settings, deadlines, row)
+        return rt.pool.submit(_decode_task, uri, segments, rt, settings, deadlines, task)
     except RuntimeError as e:  # "can't start new thread": the host is out of memory
         raise SystemFault(f"cannot start a decode thread: {e}") from e
 
 
-def _clip_or_fault(future: Future[torch.Tensor]) -> torch.Tensor | BadVideo | ObjectFault:
-    """The clip, or the row's fault; a ``SystemFault`` is raised."""
+def _clips_or_fault(
+    future: Future[list[torch.Tensor]], rows: int
+) -> list[torch.Tensor | BadVideo | ObjectFault]:
+    """The clips, or the decode's fault for each of its ``rows``; a ``SystemFault`` is
+    raised."""
     try:
-        return future.result()
+        return list(future.result())
     except (BadVideo, ObjectFault) as e:
-        return e
+        return [e] * rows
 
 
-def _log_fault(uri: str | None, fault: BadVideo | ObjectFault) -> None:
+def _log_fault(request: Request, fault: BadVideo | ObjectFault) -> None:
+    uri, segment = request
+    what = redact(str(uri)) + (
+        "" if segment == WHOLE_VIDEO else f" [{segment[0]:g} s, {segment[1]:g} s)"
+    )
     if isinstance(fault, BadVideo):
-        logger.warning("zero embedding for %s: %s", redact(str(uri)), redact(str(fault)))
+        logger.warning("zero embedding for %s: %s", what, redact(str(fault)))
     else:
-        logger.warning("no embedding (NULL) for %s: %s", redact(str(uri)), redact(str(fault)))
+        logger.warning("no embedding (NULL) for %s: %s", what, redact(str(fault)))
 
 
 def embed_videos(
-    uris: list[str | None], rt: Runtime, settings: Settings
+    requests: list[Request], rt: Runtime, settings: Settings
 ) -> list[np.ndarray | BadVideo | ObjectFault]:
-    """Every row's outcome, in row order: its ``(rows, 1024)`` float32 embedding, or the
-    ``BadVideo`` or ``ObjectFault`` that decides what it gets (each logged once, here).
+    """Every row's outcome, in row order: the ``(rows, 1024)`` float32 embedding of its
+    video's segment (``WHOLE_VIDEO`` for a video), or the ``BadVideo`` or ``ObjectFault``
+    that decides what it gets (each logged once, here). Segments of one video next to
+    each other are decoded together (``SEGMENTS_PER_DECODE``).
     The model embeds ``EMBED_BATCH`` clips at a time, in the order they finish decoding,
     while the decode threads go on with the next ones. Raises ``SystemFault`` when the
     worker fails: then no row of the call has a result."""
-    results: list[np.ndarray | BadVideo | ObjectFault] = [BadVideo("not decoded")] * len(uris)
+    results: list[np.ndarray | BadVideo | ObjectFault] = [BadVideo("not decoded")] * len(requests)
     waiting: list[tuple[int, torch.Tensor]] = []
 
     def embed_waiting() -> None:
@@ -185,9 +234,9 @@ def embed_videos(
             results[row] = out
         waiting.clear()
 
-    for row, decoded in _decoded(uris, rt, settings):
+    for row, decoded in _decoded(requests, rt, settings):
         if isinstance(decoded, (BadVideo, ObjectFault)):
-            _log_fault(uris[row], decoded)
+            _log_fault(requests[row], decoded)
             results[row] = decoded
         else:
             waiting.append((row, decoded))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
@@ -29,7 +29,7 @@ from av.format import Flags
 from av.sidedata.sidedata import Type as SideDataType
 from av.video.stream import VideoStream
 
-from video_embeddings.frames import in_order, sample_indices, shrink_in_runs
+from video_embeddings.frames import WHOLE_VIDEO, Segment, in_order, segment_indices, shrink_in_runs
 from video_embeddings.outcomes import BadVideo, SystemFault, decode_fault, memory_is_short
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
     "is_fallback_error",
     "needs_sequential",
     "probe",
+    "read_duration",
     "rotate",
 ]
 
@@ -128,6 +129,9 @@ class Probe:
     turns is rounded to the nearest."""
     hflip: bool
     """The display matrix also mirrors the frame left-right, after the rotation."""
+    duration: float
+    """Seconds the stream lasts by its container's header (``stream_duration``); 0.0 when
+    the header does not say."""
 
 
 def probe(source: Source, *, max_pixels: int) -> Probe:
@@ -164,10 +168,33 @@ def probe(source: Source, *, max_pixels: int) -> Probe:
             trimmed=any(e.is_discard for e in stream.index_entries),
             rotation=rotation,
             hflip=hflip,
+            duration=stream_duration(container, stream),
         )
     _raise_storage_error(source)
     source.seek(0)
     return result
+
+
+def read_duration(source: Source) -> float:
+    """``stream_duration`` of the best video stream of ``source``, from its container's
+    header alone: nothing is decoded, and only the header's bytes are read (an MP4's
+    ``moov`` box, wherever it lies). Raises ``BadVideo`` for a file FFmpeg cannot open or
+    without a video stream; a storage error from ``source`` propagates as raised."""
+    with _decoding(source) as frames:
+        duration = stream_duration(frames.container, frames.stream)
+    _raise_storage_error(source)
+    return duration
+
+
+def stream_duration(container: InputContainer, stream: VideoStream) -> float:
+    """Seconds of ``stream``: its own duration in the header (``duration x time_base``),
+    else the container's (``AVFormatContext.duration``, which FFmpeg estimates from the
+    first and last timestamps of an MPEG-TS/PS), else 0.0."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
 
 
 def _even_steps(stream: VideoStream) -> bool:
@@ -226,12 +253,16 @@ def decode_sequential(
     num_frames: int,
     shrink: Callable[[torch.Tensor], torch.Tensor] | None,
     max_pixels: int,
-) -> torch.Tensor:
+    segments: Sequence[Segment] = (WHOLE_VIDEO,),
+    duration: float = 0.0,
+) -> list[torch.Tensor]:
     """Decode the best video stream of ``source`` (a seekable binary file object) front to
-    back and return ``num_frames`` frames, ``(num_frames, C, crop, crop)`` uint8 as
-    ``shrink`` returns them: the frames at ``round(linspace(0, n - 1, num_frames))`` of the
-    ``n`` frames FFmpeg's decoder outputs, each upright (its display matrix applied), in
-    RGB, and resized by ``shrink`` from its own size.
+    back and return ``num_frames`` frames for each of ``segments``, each
+    ``(num_frames, C, crop, crop)`` uint8 as ``shrink`` returns them: for the whole video
+    the frames at ``round(linspace(0, n - 1, num_frames))`` of the ``n`` frames FFmpeg's
+    decoder outputs, for a segment of a video of ``duration`` seconds those of
+    ``segment_indices``; each upright (its display matrix applied), in RGB, and resized
+    by ``shrink`` from its own size.
 
     ``shrink`` takes ``(N, 3, H, W)`` uint8 on the CPU, a run of kept frames of one size
     (``shrink_in_runs``), and returns ``(N, C, crop, crop)``; without it the frames are
@@ -245,18 +276,19 @@ def decode_sequential(
     storage error from ``source`` (one that a ``StorageReader`` remembers included)
     propagates as raised."""
     count = count_frames(source, max_pixels=max_pixels)
-    indices = sample_indices(count, num_frames)
+    indices = [segment_indices(count, duration, s, num_frames) for s in segments]
+    wanted = {i for each in indices for i in each}
     with _decoding(source) as frames:
-        kept = shrink_in_runs(_wanted(frames, set(indices)), shrink)
+        kept = shrink_in_runs(_wanted(frames, wanted), shrink)
     _raise_storage_error(source)
     source.seek(0)
-    missing = sorted(set(indices) - kept.keys())
+    missing = sorted(wanted - kept.keys())
     if missing:
         raise BadVideo(
             f"the second decoding pass gave fewer frames than the first ({count}): "
             f"frame {missing[0]} is missing"
         )
-    return in_order(kept, indices)
+    return [in_order(kept, each) for each in indices]
 
 
 def count_frames(source: Source, *, max_pixels: int) -> int:

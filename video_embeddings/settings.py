@@ -22,6 +22,7 @@ __all__ = [
     "Dtype",
     "Output",
     "RUNTIME_KNOBS",
+    "SEGMENT_SECONDS",
     "Settings",
     "granted_cpus",
 ]
@@ -52,6 +53,11 @@ DEFAULT_MAX_VIDEO_BYTES = 4 * 1024**3
 DEFAULT_ROW_DEADLINE_S = 300.0
 """Seconds one row may take from the start of its read to its decoded frames, retries
 included: reading a 4 GiB object at 50 MB/s takes about 90 s."""
+
+SEGMENT_SECONDS = 10.0
+"""Length of a segment (a moment) of a long video, in seconds, when ``index`` is asked for
+segments without a length: within the 2-16 s of comparable interval embeddings, and 64
+frames at 6.4 fps, about every fourth frame of 25 fps video."""
 
 RUNTIME_KNOBS = (
     "block_size",

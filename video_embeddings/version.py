@@ -22,16 +22,20 @@ PIPELINE_VERSION = 3
 """Bump it, and update ``PIPELINE_CODE_SHA256``, whenever the rows a video gets change:
 sampling, decoding, preprocessing, the model call or the pooling."""
 
-PIPELINE_CODE_SHA256 = "43acdd2be8ab3ccb5315e1fc270c5afcb8aa3100bca572a981eca23a7b2e0559"
-"""``pipeline_code_sha256()`` when ``PIPELINE_VERSION`` was last set."""
+PIPELINE_CODE_SHA256 = "3967c76313d94b3eeca2c32ae491a22d4594ce5942817e624168cd1013145996"
+"""``pipeline_code_sha256()`` when ``PIPELINE_VERSION`` was last set, or when that code
+last changed without changing the rows of any video (segments were added beside them)."""
 
 _OUTPUT_CODE = (
     frames.frames_per_run,
     frames.sample_indices,
     frames.sample_times,
+    frames.segment_indices,
+    frames.segment_times,
     frames.shrink_in_runs,
     frames.in_order,
     decode.decode_frames,
+    decode.decode_segments,
     decode._decode_whole,
     decode._decode_sampled,
     decode._new_decoder,
