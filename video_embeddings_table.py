@@ -622,10 +622,8 @@ def index_segments(
     emb_col, mean_col = settings.embedding_col, settings.embedding_col + MEAN_SUFFIX
     if view is None:
         assert seconds is not None
-        view = db.create_udtf_view(
-            tbl.name + SEGMENTS_SUFFIX,
-            source=tbl.search(None).select([settings.video_uri_col]),
-            udtf=segments_chunker(settings, seconds, stride or seconds),
+        view = _create_segments_view(
+            db, tbl, segments_chunker(settings, seconds, stride or seconds)
         )
         udf, _ = embedding_column(settings)[emb_col]
         inputs = [settings.video_uri_col, "start_s", "end_s"]
@@ -640,6 +638,33 @@ def index_segments(
     retry_failed(view, emb_col, **options)
     _fill_means(view, settings, options, [])
     return _segments_summary(tbl, view, settings, before, build_index=build_index)
+
+
+def _create_segments_view(
+    db: geneva.db.Connection, tbl: geneva.table.Table, chunker: Any
+) -> geneva.table.Table:
+    """``db.create_udtf_view`` of ``chunker`` over the table's URLs, named
+    ``<table>_segments``.
+
+    Geneva creates a view with stable row IDs from an empty Arrow table through
+    ``lancedb.create_table`` without a schema, and lancedb 0.39 then infers the type of a
+    list column named like an embedding from the first batch, which an empty table lacks
+    (``StopIteration``). The connection's ``create_table`` is given the empty table's own
+    schema for this one call."""
+    create = db.create_table
+
+    def with_schema(name: str, data: Any = None, schema: Any = None, **options: Any) -> Any:
+        return create(name, data=data, schema=data.schema if schema is None else schema, **options)
+
+    db.create_table = with_schema  # type: ignore[method-assign]
+    try:
+        return db.create_udtf_view(
+            tbl.name + SEGMENTS_SUFFIX,
+            source=tbl.search(None).select([chunker.input_columns[0]]),
+            udtf=chunker,
+        )
+    finally:
+        del db.create_table
 
 
 def _segments_summary(

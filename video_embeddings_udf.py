@@ -119,16 +119,14 @@ class VideoEmbedding:
         """The outcomes of the last call that raised an ``ObjectFault``, by URL, while
         Geneva calls its halves again."""
 
-    def __call__(
-        self,
-        video_uri: pa.Array,
-        start_s: pa.Array | None = None,
-        end_s: pa.Array | None = None,
-    ) -> pa.Array:
-        """One row per URL: the embedding of the whole video, or with ``start_s`` and
-        ``end_s`` (float64 seconds from the video's start, the columns of a segments view)
-        of that segment, ``[start_s, end_s)``."""
-        requests = self._requests(video_uri, start_s, end_s)
+    def __call__(self, video_uri: pa.Array, *segment: pa.Array) -> pa.Array:
+        """One row per URL: the embedding of the whole video, or with ``segment``, the
+        ``start_s`` and ``end_s`` columns of a segments view (float64 seconds from the
+        video's start), of that segment, ``[start_s, end_s)``. (Geneva passes the input
+        columns by position and takes a call whose every parameter is a ``pa.Array`` for
+        a batch call.)"""
+        starts, ends = segment if segment else (None, None)
+        requests = self._requests(video_uri, starts, ends)
         keys = [repr(r) for r in requests]
         return self._column(keys, self._outcomes(requests, keys))
 

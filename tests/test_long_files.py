@@ -35,7 +35,9 @@ from gcs_emulator import CountingProxy, GcsEmulator, Request, gcsfs_at
 from torchcodec.decoders import VideoDecoder
 
 from video_embeddings import decode
-from video_embeddings.decode import SEEK_BLOCK_SIZE, decode_frames
+from video_embeddings.decode import SEEK_BLOCK_SIZE, decode_frames, decode_segments
+from video_embeddings.pipeline import SEGMENTS_PER_DECODE
+from video_embeddings.segments import segment_windows
 from video_embeddings.settings import Settings
 
 pytestmark = pytest.mark.slow  # the 20-minute encode alone takes 25-35 s on two cores
@@ -181,3 +183,41 @@ def test_sparse_key_frames_are_read_once_in_large_blocks(
     limit = size + Settings.block_size + 4 * SEEK_BLOCK_SIZE
     assert read <= limit, f"read {read / size:.3f}x of {size} bytes"
     assert_same_frames(frames, reference)
+
+
+SEGMENT_SECONDS = 10
+SEGMENTS_RATIO = 1.15
+"""Bytes read for every segment of the video / object size."""
+
+
+def test_every_segment_of_the_long_video_costs_about_one_pass(
+    gcs: CountingProxy, long_video: Path
+) -> None:
+    """The 120 segments of 10 s, decoded as the UDF decodes them (``SEGMENTS_PER_DECODE``
+    of them per decode), read at most ``SEGMENTS_RATIO`` of the object: each decode reads
+    its own stretch of the file, forward, plus the index and a block past its end. One
+    decode per segment would read each segment's GOP before it again and the index 120
+    times. The frames of the first, a middle and the last segment are the exact scan's at
+    the frames ``round(linspace(0, 249, 64))`` of each segment's 250 (shrunk 8x here, to
+    hold 7,680 frames)."""
+    size = long_video.stat().st_size
+    windows = segment_windows(SECONDS, SEGMENT_SECONDS, SEGMENT_SECONDS)
+    assert len(windows) == 120
+
+    def shrink(frames: torch.Tensor) -> torch.Tensor:
+        return frames[:, :, ::8, ::8].clone()
+
+    gcs.reset()
+    clips: list[torch.Tensor] = []
+    for first in range(0, len(windows), SEGMENTS_PER_DECODE):
+        group = windows[first : first + SEGMENTS_PER_DECODE]
+        clips += decode_segments(URI, group, num_frames=NUM_FRAMES, shrink=shrink)
+    read = sum(r.bytes_out for r in media_gets(gcs))
+    assert read <= SEGMENTS_RATIO * size, f"read {read / size:.3f}x of {size} bytes"
+
+    decoder = VideoDecoder(str(long_video), seek_mode="exact")
+    per_segment = SEGMENT_SECONDS * FPS
+    picks = np.round(np.linspace(0, per_segment - 1, NUM_FRAMES)).astype(int)
+    for k in (0, 57, 119):
+        expected = decoder.get_frames_at((k * per_segment + picks).tolist()).data
+        assert_same_frames(clips[k], shrink(expected))

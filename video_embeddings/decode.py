@@ -60,11 +60,12 @@ NVDEC_STREAMS = 8
 """Clips decoded at once on NVDEC: torchcodec's direct backend peaked at 8 threads on an
 H100 (27.5 clips/s, docs/performance.md)."""
 
-SEGMENT_BLOCKS = 8
-"""A decode of segments that seeks reads them in about this many blocks (at least
-``SEEK_BLOCK_SIZE``, at most ``BLOCK_SIZE``): the block past a segment's end is read in
-vain, so the bytes read stay within an eighth of those the segments need, in a few GETs
-per segment."""
+SEGMENT_BLOCKS = 32
+"""A decode of segments that seeks reads the stretch they cover in about this many blocks
+(at least ``SEEK_BLOCK_SIZE``, at most ``BLOCK_SIZE``). About two blocks are read in vain
+per decode, the one past the last segment's end and the one holding the index (an MP4's
+``moov`` at the end of the file), so the bytes read stay within a sixteenth more than the
+segments need, in a few GETs per segment."""
 
 SEEK_BLOCK_SIZE = 256 * KIB
 """Read size for a video read in part: each sampled frame needs the bytes from its key
