@@ -134,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     query = s.add_mutually_exclusive_group(required=True)
     query.add_argument("query", nargs="?", metavar="QUERY", help="URL or path of a video")
-    query.add_argument("--row", type=int, help="use the video in this row (0-based) instead")
+    query.add_argument(
+        "--row", type=int, help="use this row (0-based; a segment with --moments) instead"
+    )
     s.add_argument("--from", dest="start_s", type=_seconds, metavar="S", help="query from S s")
     s.add_argument("--to", dest="end_s", type=_seconds, metavar="S", help="query up to S s")
     s.add_argument(

@@ -877,8 +877,11 @@ def _query_settings(ds: lance.LanceDataset) -> Settings:
     return stored
 
 
-def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tuple[str, np.ndarray]:
-    """The URL and stored embedding of a row; a row without a usable one is an error."""
+def _query_from_row(
+    ds: lance.LanceDataset, settings: Settings, row: int
+) -> tuple[str, np.ndarray, Segment]:
+    """The URL, stored embedding and segment (``WHOLE_VIDEO`` for a video) of a row; a
+    row without a usable embedding is an error."""
     total = ds.count_rows()
     if not 0 <= row < total:
         raise UserError(f"--row {row} is out of range: the table has rows 0 to {total - 1}")
@@ -889,7 +892,10 @@ def _query_from_row(ds: lance.LanceDataset, settings: Settings, row: int) -> tup
     matrix = matrices(value[settings.embedding_col].combine_chunks())[0]
     if not matrix.any():
         raise UserError(f"row {row} ({uri}) could not be embedded (it has the zero tensor)")
-    return uri, matrix
+    if "start_s" not in ds.schema.names:
+        return uri, matrix, WHOLE_VIDEO
+    times = ds.take([row], columns=["start_s", "end_s"]).to_pylist()[0]
+    return uri, matrix, (times["start_s"], times["end_s"])
 
 
 def _query_from_uri(uri: str, settings: Settings, segment: Segment) -> tuple[str, np.ndarray]:
@@ -975,7 +981,7 @@ def search(
             "--segment-seconds"
         ) from e
     if query_row is not None:
-        uri, query = _query_from_row(ds, settings, query_row)
+        uri, query, query_segment = _query_from_row(ds, settings, query_row)
     else:
         assert query_uri is not None
         uri, query = _query_from_uri(query_uri, settings, query_segment)

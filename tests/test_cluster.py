@@ -42,7 +42,14 @@ from gcs_emulator import FaultProxy, GcsEmulator, gcsfs_at
 from ray_cluster import LoopbackCluster, alive
 
 import upload_manifest
-from video_embeddings_udf import EMBEDDING_DIM, Settings, aggregate_mean, embedding_column
+from video_embeddings_udf import (
+    EMBEDDING_DIM,
+    Settings,
+    VideoEmbedding,
+    aggregate_mean,
+    embedding_column,
+    matrices,
+)
 
 pytestmark = pytest.mark.slow  # a Ray cluster of three nodes
 
@@ -355,6 +362,52 @@ def test_index_command_with_cluster_fills_both_columns_on_the_gpu_nodes(
         np.testing.assert_array_equal(mean, aggregate_mean(embedding))
     assert downloads(gcs) == Counter({n: 1 for n in names})
     print(f"\nindex --cluster: {len(names)} rows, both columns, in {seconds:.1f} s")
+
+
+def test_index_with_segments_on_the_cluster_embeds_each_segment_on_the_gpu_nodes(
+    cluster: LoopbackCluster, gcs: FaultProxy, db: Path, env: dict[str, str], udf_settings: Settings
+) -> None:
+    """``index --segment-seconds 5 --cluster``: the segments view is created, refreshed
+    (its chunker reads each clip's duration on the cluster) and backfilled on the
+    zip-only GPU nodes. The clips of 10, 10, 1, 5 and 4 s give 2, 2, 1, 1 and 1 segments,
+    and each segment's rows equal the in-process UDF's for that segment."""
+    before = applier_logs(cluster)
+    command = [CLI, "index", url("clips/"), "--db", str(db), "--table", "moments"]
+    command += ["--segment-seconds", "5", "--cluster", CLUSTER, "--manifest", MANIFEST]
+    done = subprocess.run(
+        [*command, "--json"], env=env, capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    segments = json.loads(done.stdout)["segments"]
+    assert (segments["segments"], segments["added"], segments["bad_segments"]) == (7, 7, 0)
+    assert (segments["object_faults"], segments["videos_without_segments"]) == (0, [])
+    ran = new_appliers(cluster, before)
+    assert not ran["head"]
+    assert ran["gpu-a"] or ran["gpu-b"]
+
+    rows = geneva.connect(str(db)).open_table("moments_segments").to_arrow().to_pylist()
+    spans = {(r["video_uri"], r["start_s"], r["end_s"]) for r in rows}
+    assert {(uri.rsplit("/", 1)[1], start, end) for uri, start, end in spans} == {
+        ("bikes.mp4", 0.0, 5.0),
+        ("bikes.mp4", 5.0, 10.0),
+        ("scene_cuts.mp4", 0.0, 5.0),
+        ("scene_cuts.mp4", 5.0, 10.0),
+        ("h265_video.mp4", 0.0, 1.0),
+        ("av1_video.mkv", 0.0, 5.0),
+        ("carphone_distorted.mp4", 0.0, pytest.approx(4.004, abs=0.01)),
+    }
+    udf = VideoEmbedding(udf_settings).func  # type: ignore[attr-defined]
+    expected = matrices(
+        udf(
+            pa.array([r["video_uri"] for r in rows]),
+            pa.array([r["start_s"] for r in rows], pa.float64()),
+            pa.array([r["end_s"] for r in rows], pa.float64()),
+        )
+    )
+    for row, want in zip(rows, expected, strict=True):
+        got = np.array(row["video_embedding"], np.float32)
+        assert got.shape == (16, EMBEDDING_DIM)
+        np.testing.assert_array_equal(got, want)
 
 
 def run_until_stalled(

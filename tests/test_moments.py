@@ -9,6 +9,7 @@ backfills on local Ray and the tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import frame_indices, make_index_clip
 from PIL import Image
@@ -34,6 +36,7 @@ from video_embeddings.outcomes import BadVideo
 from video_embeddings.segments import Segmenter, segment_windows
 from video_embeddings.settings import Settings
 from video_embeddings_sheet import LABEL_W, PAD, STRIP_H, THUMB_H, THUMB_W
+from video_embeddings_udf import VideoEmbedding, matrices
 
 CLI = str(Path(sys.executable).with_name("video-embeddings"))
 
@@ -207,10 +210,11 @@ def moments(
 def test_segments_of_a_long_video_are_embedded_and_found_by_a_clip_of_one_part(
     moments: tuple[Path, Path, dict[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    """18 segments of 10 s, each embedded as 8 rows; a segment of a static part equals its
-    neighbour in that part and differs from every other part's. A 10 s clip cut from
-    inside the mandelbrot part (33-43 s) finds a segment of that part first; the file's
-    own 40-50 s, asked with --from/--to, finds exactly that segment at a score of 1."""
+    """18 segments of 10 s, each embedded as 8 rows; the segments of a still part are
+    alike (mean-vector cosine above 0.999) and unlike every other part's (below 0.99).
+    A 10 s clip cut from inside the mandelbrot part (33-43 s) finds a segment of that part
+    first; the file's own 40-50 s, asked with --from/--to, finds exactly that segment at
+    a score of 1."""
     videos, db, env, summary = moments
     seg = summary["segments"]
     assert (seg["view"], seg["seconds"], seg["stride"]) == ("videos_segments", 10.0, 10.0)
@@ -227,10 +231,14 @@ def test_segments_of_a_long_video_are_embedded_and_found_by_a_clip_of_one_part(
         (uri, i, 10.0 * i, 10.0 * i + 10) for i in range(18)
     ]
     assert all(r["video_embedding"].shape == (8, 1024) for r in rows)
-    bars = [r["video_embedding"] for r in rows[9:12]]  # smptehdbars: a still picture
-    np.testing.assert_allclose(bars[0], bars[1], atol=1e-5)
-    for other in rows[:9] + rows[12:]:
-        assert not np.allclose(other["video_embedding"], bars[0], atol=1e-3)
+    means = np.stack([r["video_embedding"].mean(axis=0) for r in rows])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    cosines = means @ means.T
+    part = np.arange(18) // 3
+    for still in (3, 5):  # smptehdbars and rgbtestsrc: one picture for 30 s
+        inside = cosines[np.ix_(part == still, part == still)]
+        outside = cosines[np.ix_(part == still, part != still)]
+        assert inside.min() > 0.999 and outside.max() < 0.99, (inside, outside)
 
     query = cut(videos / "six_parts.mp4", 33, 10, tmp_path / "query.mp4")
     args = ["search", str(query), "--db", str(db), "--moments", "-k", "3", "--json"]
@@ -284,16 +292,18 @@ def test_the_sheet_draws_each_moment_from_its_own_segment(
 def test_the_view_refreshes_incrementally(
     moments: tuple[Path, Path, dict[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    """A rerun adds no segment and computes nothing again; a new 30 s video adds only its
-    three segments (the view remembers its windows without the flag), and the segments
-    already there keep their embeddings."""
+    """Indexing the folder again with one more 30 s video, without the flag (the view
+    keeps its windows), adds only that video's three segments and embeds only them: the
+    backfill counts 3 segments, and the 18 already there keep their embeddings."""
     videos, db, env, _ = moments
     before = segments_view(db)
-    again = json.loads(run_cli("index", str(videos), "--db", str(db), "--json", env=env).stdout)
-    assert (again["segments"]["added"], again["segments"]["segments"]) == (0, 18)
     encode_parts(videos / "one_part.mp4", ["life"], tmp_path)
-    more = json.loads(run_cli("index", str(videos), "--db", str(db), "--json", env=env).stdout)
+    args = ["index", str(videos), "--db", str(db), "--json"]
+    done = run_cli(*args, env=env)
+    more = json.loads(done.stdout)
     assert (more["added"], more["segments"]["added"], more["segments"]["segments"]) == (1, 3, 21)
+    assert "embedding: 3/3 segments" in done.stderr
+    assert "/18 segments" not in done.stderr and "/21 segments" not in done.stderr
     after = segments_view(db)
     new = [(r["video_uri"], r["start_s"], r["end_s"]) for r in after[18:]]
     assert new == [(str(videos / "one_part.mp4"), 10.0 * i, 10.0 * i + 10) for i in range(3)]
@@ -301,3 +311,30 @@ def test_the_view_refreshes_incrementally(
         np.testing.assert_array_equal(old["video_embedding"], kept["video_embedding"])
     life = [r["video_embedding"] for r in after[18:]]
     assert all(e.shape == (8, 1024) and e.any() for e in life)
+
+
+def test_a_segment_past_the_end_gets_the_zero_tensor_and_its_neighbours_their_rows(
+    coded: dict[str, Path], settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three segments of one video in one UDF call share a decode; the third lies past the
+    2.4 s video, so the shared decode fails and each is decoded alone: the first two get
+    the rows they get alone, the third the zero tensor with its reason."""
+    udf = VideoEmbedding(dataclasses.replace(settings, num_frames=4)).func  # type: ignore[attr-defined]
+    uri = str(coded["mp4"])
+
+    def embed(starts: list[float], ends: list[float]) -> list[np.ndarray]:
+        uris = pa.array([uri] * len(starts))
+        return matrices(udf(uris, pa.array(starts, pa.float64()), pa.array(ends, pa.float64())))
+
+    together = embed([0.0, 1.2, 5.0], [1.2, 2.4, 6.0])
+    alone = [embed([0.0], [1.2])[0], embed([1.2], [2.4])[0]]
+    for got, want in zip(together[:2], alone, strict=True):
+        assert got.shape == (4, 1024) and got.any()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(together[0], together[1], atol=1e-3)
+    np.testing.assert_array_equal(together[2], np.zeros((1, 1024)))
+    assert any(
+        f"zero embedding for {uri} [5 s, 6 s): segment [5 s, 6 s) is past the video's end"
+        in r.getMessage()
+        for r in caplog.records
+    )

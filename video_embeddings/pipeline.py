@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -80,10 +80,12 @@ def _ray_node() -> str:
     return f" on Ray node {ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else ""
 
 
-SEGMENTS_PER_DECODE = 16
+SEGMENTS_PER_DECODE = 8
 """Rows of one video next to each other in a batch (its segments) that one decode reads
 together, in one pass over their stretch of the file: each decode reads the container's
-header again, and a file read whole is read once per decode."""
+header again, and a file read whole is read once per decode. A decode per engine is kept
+running, so up to this many clips per engine are held at once (8 x 12.6 MB at 64 frames
+of 256 px)."""
 
 Request = tuple["str | None", Segment]
 """A row to embed: the video's URL (``None`` for a NULL) and its segment."""
@@ -96,19 +98,39 @@ def _decode_task(
     settings: Settings,
     deadlines: dict[int, float],
     task: int,
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor | BadVideo]:
     """One video's clips, one per segment, each ``(T, C, crop, crop)`` uint8 on the model's
     device, with storage faults retried until the task's deadline, ``ROW_DEADLINE_S`` per
-    segment from now (noted in ``deadlines`` for the waiting thread)."""
+    segment from now (noted in ``deadlines`` for the waiting thread). When the segments'
+    decode gives a bad video, each segment is decoded again alone, so that one segment
+    past the video's last frame does not take its neighbours' frames with it."""
     deadline = deadlines[task] = time.monotonic() + settings.row_deadline_s * len(segments)
     if uri is None or not uri.strip():
         raise BadVideo("no video URL")
     on_device = functools.partial(shrink, p=rt.model.preprocessing, device=rt.model.device)
-    return read_with_retries(
-        lambda: rt.engines.decode(uri, segments, settings, on_device, deadline=deadline),
-        what=uri,
-        deadline=deadline,
-    )
+
+    def decode(some: list[Segment]) -> list[torch.Tensor]:
+        return read_with_retries(
+            lambda: rt.engines.decode(uri, some, settings, on_device, deadline=deadline),
+            what=uri,
+            deadline=deadline,
+        )
+
+    try:
+        return list(decode(segments))
+    except BadVideo:
+        if len(segments) == 1:
+            raise
+    return [_clip_or_bad_video(decode, segment) for segment in segments]
+
+
+def _clip_or_bad_video(
+    decode: Callable[[list[Segment]], list[torch.Tensor]], segment: Segment
+) -> torch.Tensor | BadVideo:
+    try:
+        return decode([segment])[0]
+    except BadVideo as e:
+        return e
 
 
 def _tasks(requests: list[Request]) -> Iterator[tuple[list[int], str | None, list[Segment]]]:
@@ -127,15 +149,16 @@ def _tasks(requests: list[Request]) -> Iterator[tuple[list[int], str | None, lis
 def _decoded(
     requests: list[Request], rt: Runtime, settings: Settings
 ) -> Iterator[tuple[int, torch.Tensor | BadVideo | ObjectFault]]:
-    """Yield ``(row, clip or fault)`` as decodes finish. At most one window of rows is
-    being decoded or waiting for the model, which bounds memory. A decode still running
+    """Yield ``(row, clip or fault)`` as decodes finish. Each engine is kept decoding, and
+    beyond that at most one window of rows (engines + ``EMBED_BATCH``) is being decoded
+    or waiting for the model, which bounds memory. A decode still running
     ``ROW_DEADLINE_S`` per row after it started, or not started twice that long after it
     was queued (the decode threads held by stalled reads), is given up as an
     ``ObjectFault`` for each of its rows: its thread stops at its next read, and the call
     does not wait."""
     window = rt.engines.size + settings.embed_batch
     tasks = iter(enumerate(_tasks(requests)))
-    running: dict[Future[list[torch.Tensor]], tuple[int, list[int], float]] = {}
+    running: dict[Future[list[torch.Tensor | BadVideo]], tuple[int, list[int], float]] = {}
     deadlines: dict[int, float] = {}  # set by each decode when it starts
 
     def deadline(task: int, rows: list[int], queued: float) -> float:
@@ -146,7 +169,9 @@ def _decoded(
 
     try:
         while True:
-            while in_flight() < window and (item := next(tasks, None)) is not None:
+            while len(running) < rt.engines.size or in_flight() < window:
+                if (item := next(tasks, None)) is None:
+                    break
                 task, (rows, uri, segments) = item
                 future = _submit(rt, uri, segments, settings, deadlines, task)
                 running[future] = (task, rows, time.monotonic())
@@ -182,7 +207,7 @@ def _submit(
     settings: Settings,
     deadlines: dict[int, float],
     task: int,
-) -> Future[list[torch.Tensor]]:
+) -> Future[list[torch.Tensor | BadVideo]]:
     """Queue one decode; a decode thread that cannot start is a system fault."""
     try:
         return rt.pool.submit(_decode_task, uri, segments, rt, settings, deadlines, task)
@@ -191,10 +216,10 @@ def _submit(
 
 
 def _clips_or_fault(
-    future: Future[list[torch.Tensor]], rows: int
+    future: Future[list[torch.Tensor | BadVideo]], rows: int
 ) -> list[torch.Tensor | BadVideo | ObjectFault]:
-    """The clips, or the decode's fault for each of its ``rows``; a ``SystemFault`` is
-    raised."""
+    """The clips (or a segment's own bad video), or the decode's fault for each of its
+    ``rows``; a ``SystemFault`` is raised."""
     try:
         return list(future.result())
     except (BadVideo, ObjectFault) as e:
