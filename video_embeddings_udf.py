@@ -127,7 +127,7 @@ class VideoEmbedding:
         a batch call.)"""
         starts, ends = segment if segment else (None, None)
         requests = self._requests(video_uri, starts, ends)
-        keys = [repr(r) for r in requests]
+        keys = [str(u) if s == WHOLE_VIDEO else f"{u} {s}" for u, s in requests]
         return self._column(keys, self._outcomes(requests, keys))
 
     def _outcomes(

@@ -188,7 +188,7 @@ def _decoded(
                     del running[future]
                     future.cancel()  # a decode that has not started never will
                     seconds = f"{settings.row_deadline_s:g} s"
-                    fault = ObjectFault(f"no result within ROW_DEADLINE_S ({seconds}) per row")
+                    fault = ObjectFault(f"no result within ROW_DEADLINE_S ({seconds})")
                     yield from ((row, fault) for row in rows)
     finally:
         for future in running:
