@@ -194,7 +194,8 @@ def segments_view(db: Path) -> list[dict[str, Any]]:
 def moments(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> tuple[Path, Path, dict[str, str], dict[str, Any]]:
-    """The 3-minute file indexed with --segment-seconds 10: its folder, the db, the
+    """The 3-minute file indexed with --segment-seconds 10 and --build-index (an ANN index
+    on the mean vectors of the videos and of the segments): its folder, the db, the
     environment, and the summary."""
     d = tmp_path_factory.mktemp("moments")
     videos = d / "videos"
@@ -202,7 +203,8 @@ def moments(
     encode_parts(videos / "six_parts.mp4", PARTS, d)
     env = {**os.environ, "VJEPA_MODEL": str(tiny_model_dir), "NUM_FRAMES": "8"}
     db = d / "db"
-    args = ["index", str(videos), "--db", str(db), "--segment-seconds", "10", "--json"]
+    args = ["index", str(videos), "--db", str(db), "--segment-seconds", "10", "--build-index"]
+    args.append("--json")
     return videos, db, env, json.loads(run_cli(*args, env=env).stdout)
 
 
@@ -224,7 +226,7 @@ def test_segments_of_a_long_video_are_embedded_and_found_by_a_clip_of_one_part(
         0,
         0,
     )
-    assert seg["videos_without_segments"] == []
+    assert seg["videos_without_segments"] == [] and seg["ann_index"] is True
     rows = segments_view(db)
     uri = str(videos / "six_parts.mp4")
     assert [(r["video_uri"], r["segment"], r["start_s"], r["end_s"]) for r in rows] == [
@@ -243,6 +245,7 @@ def test_segments_of_a_long_video_are_embedded_and_found_by_a_clip_of_one_part(
     query = cut(videos / "six_parts.mp4", 33, 10, tmp_path / "query.mp4")
     args = ["search", str(query), "--db", str(db), "--moments", "-k", "3", "--json"]
     found = json.loads(run_cli(*args, env=env).stdout)
+    assert found["moments"] is True and found["ann"] is True  # candidates from the ANN index
     top = found["hits"][0]
     assert set(top) >= {"rank", "score", "uri", "start_s", "end_s"}
     assert (top["rank"], top["uri"]) == (1, uri)
