@@ -387,14 +387,14 @@ def test_index_with_segments_on_the_cluster_embeds_each_segment_on_the_gpu_nodes
 
     rows = geneva.connect(str(db)).open_table("moments_segments").to_arrow().to_pylist()
     spans = {(r["video_uri"], r["start_s"], r["end_s"]) for r in rows}
-    assert {(uri.rsplit("/", 1)[1], start, end) for uri, start, end in spans} == {
+    assert {(uri.rsplit("/", 1)[1], start, round(end, 2)) for uri, start, end in spans} == {
         ("bikes.mp4", 0.0, 5.0),
         ("bikes.mp4", 5.0, 10.0),
         ("scene_cuts.mp4", 0.0, 5.0),
         ("scene_cuts.mp4", 5.0, 10.0),
         ("h265_video.mp4", 0.0, 1.0),
         ("av1_video.mkv", 0.0, 5.0),
-        ("carphone_distorted.mp4", 0.0, pytest.approx(4.004, abs=0.01)),
+        ("carphone_distorted.mp4", 0.0, 4.0),
     }
     udf = VideoEmbedding(udf_settings).func  # type: ignore[attr-defined]
     expected = matrices(
