@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +61,9 @@ SIZE = "192x108"
         (7.5, 10, 10, [(0.0, 7.5)]),  # shorter than a window: one segment
         (0.0, 10, 10, []),
         (0.3, 0.1, 0.1, [(0.0, 0.1), (0.1, 0.2), (0.2, 0.3)]),  # no drift from adding 0.1
+        (10.0, 3, 9.5, [(0.0, 3.0), (9.5, 10.0)]),  # a gap: the tail stays apart
+        (10.0, 2, 12, [(0.0, 2.0)]),
+        (float("inf"), 10, 10, []),
     ],
 )
 def test_windows_cover_the_video_and_a_short_tail_joins_its_neighbour(
@@ -71,6 +75,12 @@ def test_windows_cover_the_video_and_a_short_tail_joins_its_neighbour(
 
 
 # --- which frames a segment samples -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("seconds", "stride"), [(0, 10), (10, 0), (10, -1), (10, float("nan"))])
+def test_windows_need_a_length_and_a_stride(seconds: float, stride: float) -> None:
+    with pytest.raises(ValueError, match="above 0"):
+        segment_windows(60.0, seconds, stride)
 
 
 def test_the_whole_video_samples_as_before() -> None:
@@ -88,6 +98,7 @@ def test_a_segment_samples_uniformly_within_its_own_time() -> None:
     )
     # a segment that ends past the video ends with it; one past the end is a bad segment
     assert segment_indices(60, 2.4, (2.0, 9.0), 2) == [50, 59]
+    assert segment_indices(60, 2.4, (2.39, 2.4), 2) == [59, 59]  # the last frame's sliver
     with pytest.raises(BadVideo, match="past the video's end"):
         segment_times(0.0, 2.4, 60, (2.4, 3.0), 4)
     with pytest.raises(BadVideo, match="past the video's end"):
@@ -98,17 +109,27 @@ def test_a_segment_samples_uniformly_within_its_own_time() -> None:
 
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """60 index-coded frames at 25 fps (2.4 s): MP4, MKV with a duration, MPEG-TS."""
+    """60 index-coded frames at 25 fps (2.4 s): MP4, MKV with a duration, MPEG-TS; an MKV
+    whose video starts at 5 s, and one with 10 s of audio (container durations that are
+    not the video's)."""
     d = tmp_path_factory.mktemp("coded")
     mp4 = make_index_clip(d / "sixty.mp4", 60)
-    mkv, ts = d / "sixty.mkv", d / "sixty.ts"
-    for out in (mkv, ts):
-        cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(mp4), "-c", "copy", str(out)]
-        subprocess.run(cmd, check=True)
-    return {"mp4": mp4, "mkv": mkv, "ts": ts}
+    clips = {"mp4": mp4}
+    remuxes = {
+        "mkv": [],
+        "ts": [],
+        "late.mkv": ["-output_ts_offset", "5"],
+        "audio.mkv": ["-f", "lavfi", "-i", "sine=d=10", "-map", "0:v", "-map", "1:a"],
+    }
+    for kind, options in remuxes.items():
+        out = d / f"sixty.{kind}"
+        cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(mp4), *options, "-c:v", "copy"]
+        subprocess.run([*cmd, str(out)], check=True)
+        clips[kind] = out
+    return clips
 
 
-@pytest.mark.parametrize("kind", ["mp4", "mkv", "ts"])
+@pytest.mark.parametrize("kind", ["mp4", "mkv", "ts", "late.mkv", "audio.mkv"])
 def test_each_segment_gets_its_own_frames_in_one_decode(coded: dict[str, Path], kind: str) -> None:
     """Two halves and the whole video in one decode, on each of the three decodes (by
     time, by index after an exact scan, front to back), read whole and in small blocks."""
@@ -120,6 +141,19 @@ def test_each_segment_gets_its_own_frames_in_one_decode(coded: dict[str, Path], 
         assert frame_indices(first.numpy()) == [0, 10, 19, 29]
         assert frame_indices(second.numpy()) == [30, 40, 49, 59]
         assert frame_indices(whole.numpy()) == sample_indices(60, 4)
+    with pytest.raises(BadVideo, match="past the video's end"):
+        decode_segments(str(coded[kind]), [(2.4, 3.0)], num_frames=4)
+
+
+@pytest.mark.parametrize(
+    "segment", [(1.0, 1.0), (1.0, 0.5), (-1.0, 1.0), (math.nan, 1.0), (0.0, math.nan)]
+)
+@pytest.mark.parametrize("kind", ["mp4", "ts"])
+def test_a_segment_that_is_not_a_span_is_a_bad_video(
+    coded: dict[str, Path], kind: str, segment: tuple[float, float]
+) -> None:
+    with pytest.raises(BadVideo, match="invalid segment"):
+        decode_segments(str(coded[kind]), [(0.0, 1.0), segment], num_frames=4)
 
 
 def test_the_segmenter_reads_the_duration_from_the_header(
@@ -137,6 +171,8 @@ def test_the_segmenter_reads_the_duration_from_the_header(
         {r["video_embedding"] for r in rows} == {r["video_embedding_mean"] for r in rows} == {None}
     )
     assert segmenter(str(coded["ts"]))[-1]["end_s"] == pytest.approx(2.4, abs=0.05)
+    for kind in ("late.mkv", "audio.mkv"):  # the video's own duration, from its tag
+        assert segmenter(str(coded[kind]))[-1]["end_s"] == pytest.approx(2.4, abs=0.01)
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     assert segmenter(str(text)) == []

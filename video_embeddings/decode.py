@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from video_embeddings.frames import (
     WHOLE_VIDEO,
     Segment,
+    check_segment,
     frames_per_run,
     in_order,
     segment_indices,
@@ -128,7 +129,8 @@ def decode_segments(
 
     One attempt, no retries. Raises ``BadVideo`` for a video that cannot be processed
     (undecodable, no video stream, frames over ``max_pixels``, object over ``max_bytes``,
-    a URL ``allowed_prefixes`` refuses, a segment past the video's end), ``SystemFault``
+    a URL ``allowed_prefixes`` refuses, a segment past the video's end or not ``0 <=
+    start < end``), ``SystemFault``
     for exhausted memory, a CUDA error or a missing FFmpeg, and a storage error
     (``FileNotFoundError``, ``PermissionError``, ``TimeoutError``, an HTTP error) as the
     filesystem raised it. Past ``deadline`` (``time.monotonic()`` seconds) reads raise
@@ -138,6 +140,8 @@ def decode_segments(
     trusted only where its frame count equals its index's, and the exact scan counts the
     frames that exist. A frame larger than ``max_pixels`` is refused before any is
     decoded."""
+    for segment in segments:
+        check_segment(segment)
     video_decoder = _video_decoder_class()
     whole = (video_decoder, segments, num_frames, max_pixels, device, shrink)
     options: dict[str, Any] = {
@@ -311,8 +315,10 @@ def _decode_sampled(
             keys: list[list[Any]] = [
                 segment_times(begin, end, count, s, num_frames) for s in segments
             ]
-        else:
-            keys = [segment_indices(count, p.duration, s, num_frames) for s in segments]
+        else:  # the stream's span as the scan found it, else as its header says
+            span = (meta.end_stream_seconds or 0.0) - (meta.begin_stream_seconds or 0.0)
+            duration = span if span > 0 else p.duration
+            keys = [segment_indices(count, duration, s, num_frames) for s in segments]
         wanted = sorted({key for each in keys for key in each})
         upright = (
             (run_keys, rotate(run, p.rotation, p.hflip))

@@ -19,6 +19,7 @@ __all__ = [
     "FRAME_CHUNK_BYTES",
     "WHOLE_VIDEO",
     "Segment",
+    "check_segment",
     "frames_per_run",
     "in_order",
     "sample_indices",
@@ -93,20 +94,35 @@ def segment_indices(
     num_video_frames: int, duration: float, segment: Segment, num_frames: int
 ) -> list[int]:
     """``sample_indices`` within ``segment`` of a video of ``num_video_frames`` frames
-    over ``duration`` seconds: the frames from ``round(n * start / duration)`` up to
-    ``round(n * end / duration)``, sampled as ``sample_indices`` samples a whole video
-    (so for ``WHOLE_VIDEO`` exactly ``sample_indices(n, num_frames)``). The frame rate is
-    taken as constant. Raises ``BadVideo`` for a stream without frames, a segment past the
-    last frame, or a segment of a video whose duration is unknown."""
+    over ``duration`` seconds: the frames on screen during the segment, from frame
+    ``floor(n * start / duration)`` to the last that starts before its end, sampled as
+    ``sample_indices`` samples a whole video (so for ``WHOLE_VIDEO`` exactly
+    ``sample_indices(n, num_frames)``). The frame rate is taken as constant. Raises
+    ``BadVideo`` for a stream without frames, a segment past the last frame, or a segment
+    of a video whose duration is unknown."""
     if segment == WHOLE_VIDEO:
         return sample_indices(num_video_frames, num_frames)
     if not duration > 0:
         raise BadVideo(f"segment {_span(segment)} of a video whose duration is unknown")
-    first = round(num_video_frames * segment[0] / duration)
-    stop = max(first + 1, round(num_video_frames * min(segment[1], duration) / duration))
+    rate = num_video_frames / duration
+    first = math.floor(segment[0] * rate + _EPSILON)
+    stop = max(first + 1, math.ceil(min(segment[1], duration) * rate - _EPSILON))
     if first >= num_video_frames:
         raise BadVideo(f"segment {_span(segment)} is past the video's end ({duration:.3f} s)")
     return [first + i for i in sample_indices(min(stop, num_video_frames) - first, num_frames)]
+
+
+_EPSILON = 1e-6
+"""Frames of slack when a time is turned into a frame number: 1.2 s x 25 fps is 29.999...
+in floating point, and means frame 30."""
+
+
+def check_segment(segment: Segment) -> None:
+    """Raise ``BadVideo`` unless ``0 <= start < end`` (``end`` may be infinite: the
+    video's end)."""
+    start, end = segment
+    if not (0 <= start < end and math.isfinite(start)):
+        raise BadVideo(f"invalid segment {_span(segment)}: it needs 0 <= start < end")
 
 
 def _span(segment: Segment) -> str:

@@ -5,6 +5,7 @@ that expands each row of a videos table into them (``Connection.create_udtf_view
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,16 +32,22 @@ logger = logging.getLogger(__name__)
 def segment_windows(duration: float, seconds: float, stride: float) -> list[Segment]:
     """``[start, end)`` windows of ``seconds`` every ``stride`` seconds over ``[0,
     duration)``: full windows while one fits, then a last window to the end, which joins
-    the one before when it would be shorter than half a window. A video shorter than a
-    window is one segment; one without a duration has none."""
-    if not duration > 0:
+    the one before when it would be shorter than half a window and no gap lies between
+    them (``stride <= seconds``). A video shorter than a window is one segment; one
+    without a finite duration has none. Raises ``ValueError`` unless ``seconds`` and
+    ``stride`` are finite and above 0."""
+    if not (0 < seconds < math.inf and 0 < stride < math.inf):
+        raise ValueError(f"segments need seconds and stride above 0 ({seconds}, {stride})")
+    if not 0 < duration < math.inf:
         return []
     windows: list[Segment] = []
     start = 0.0
     while start + seconds < duration:
         windows.append((start, start + seconds))
         start = len(windows) * stride
-    if windows and duration - start < seconds / 2:
+    if start >= duration:
+        return windows
+    if windows and duration - start < seconds / 2 and stride <= seconds:
         windows[-1] = (windows[-1][0], duration)
     else:
         windows.append((start, duration))

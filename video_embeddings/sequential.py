@@ -15,6 +15,7 @@ and symbol versions, so it loads next to the system FFmpeg that torchcodec uses.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import struct
@@ -188,10 +189,24 @@ def read_duration(source: Source) -> float:
 
 def stream_duration(container: InputContainer, stream: VideoStream) -> float:
     """Seconds of ``stream``: its own duration in the header (``duration x time_base``),
-    else the container's (``AVFormatContext.duration``, which FFmpeg estimates from the
-    first and last timestamps of an MPEG-TS/PS), else 0.0."""
+    else its Matroska ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``, which FFmpeg and mkvmerge
+    write per track: the end of its last frame, so less its start time), else the
+    container's (``AVFormatContext.duration``, which FFmpeg estimates from the first and
+    last timestamps of an MPEG-TS/PS; it also counts other streams and a late start), else
+    0.0."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag:
+        with contextlib.suppress(ValueError):
+            hours, minutes, seconds = tag.split(":")
+            end = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            start = (
+                stream.start_time * stream.time_base
+                if stream.start_time and stream.time_base
+                else 0
+            )
+            return end - float(start)
     if container.duration is not None:
         return container.duration / av.time_base
     return 0.0
