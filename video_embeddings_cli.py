@@ -72,12 +72,28 @@ def _positive(value: str) -> int:
 
 
 def _seconds(value: str) -> float:
+    """A time in the video: 0 or more seconds."""
+    number = _number_of_seconds(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more seconds")
+    return number
+
+
+def _length(value: str) -> float:
+    """A segment's length or stride: above 0 seconds."""
+    number = _number_of_seconds(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be above 0 seconds")
+    return number
+
+
+def _number_of_seconds(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more seconds")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds")
     return number
 
 
@@ -109,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--segment-seconds",
-        type=_seconds,
+        type=_length,
         nargs="?",
         const=SEGMENT_SECONDS,
         metavar="S",
@@ -118,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--segment-stride",
-        type=_seconds,
+        type=_length,
         metavar="S",
         help="start a segment every S seconds (default: --segment-seconds; less overlaps)",
     )
@@ -236,7 +252,8 @@ def _print_summary(summary: IndexSummary, db: str, table: str) -> None:
         print(f"    added: {seg.added}, bad (zero tensor): {seg.bad_segments}, ", end="")
         print(f"object faults: {seg.object_faults}")
         print(
-            f"    videos without segments (duration unreadable): {len(seg.videos_without_segments)}"
+            f"    embedded videos without segments (duration unreadable): "
+            f"{len(seg.videos_without_segments)}"
         )
         for uri in seg.videos_without_segments:
             print(f"      {uri}")
@@ -313,13 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "index" and args.manifest and not args.cluster:
         parser.error("--manifest needs --cluster")
-    if args.command == "index" and args.segment_stride is not None:
-        if args.segment_seconds is None:
-            parser.error("--segment-stride needs --segment-seconds")
-        if args.segment_stride <= 0:
-            parser.error("--segment-stride must be above 0 seconds")
-    if args.command == "index" and args.segment_seconds is not None and args.segment_seconds <= 0:
-        parser.error("--segment-seconds must be above 0 seconds")
+    if args.command == "index" and args.segment_stride is not None and args.segment_seconds is None:
+        parser.error("--segment-stride needs --segment-seconds")
     if args.command == "search" and (args.start_s is None) != (args.end_s is None):
         parser.error("--from and --to go together")
     if args.command == "search" and args.start_s is not None:

@@ -582,7 +582,8 @@ def _check_segments(
         if (segmenter.seconds, segmenter.stride) != (seconds, stride or seconds):
             raise UserError(
                 f"the segments view {view.name} has {segmenter.seconds:g} s segments every "
-                f"{segmenter.stride:g} s; index it with those, or into a new --table"
+                f"{segmenter.stride:g} s; index it with --segment-seconds {segmenter.seconds:g} "
+                f"--segment-stride {segmenter.stride:g} (or neither), or into a new --table"
             )
 
 
@@ -1014,7 +1015,10 @@ def write_sheet(result: SearchResult, path: Path) -> None:
         segment = _segment(h.start_s, h.end_s)
         title = f"#{h.rank}  score {h.score:.4f}{_time_range(segment)}"
         entries.append((title, h.uri, segment))
-    draw_sheet(entries, path)
+    try:
+        draw_sheet(entries, path)
+    except OSError as e:
+        raise UserError(f"cannot write the contact sheet {path}: {e.strerror or e}") from e
 
 
 def _segment(start_s: float | None, end_s: float | None) -> Segment:

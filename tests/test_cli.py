@@ -445,6 +445,12 @@ def test_html_sheet_is_self_contained_and_loads_in_chromium(
         ("model for index", 1, "point VJEPA_MODEL at a local checkpoint directory"),
         ("model for search", 1, "point VJEPA_MODEL at a local checkpoint directory"),
         ("bad sheet name", 2, "must end in .png or .html"),
+        ("unwritable sheet", 1, "cannot write the contact sheet"),
+        ("segments of 0 s", 2, "'0' must be above 0 seconds"),
+        ("a stride alone", 2, "--segment-stride needs --segment-seconds"),
+        ("--from alone", 2, "--from and --to go together"),
+        ("--to before --from", 2, "--to must be after --from"),
+        ("moments without a view", 1, "no segments view 'videos_segments'"),
     ],
 )
 @pytest.mark.slow
@@ -470,6 +476,18 @@ def test_errors_are_one_line_with_an_exit_code(
         "model for index": (["index", str(clip_dir), "--db", str(new_db)], no_model),
         "model for search": (["search", str(clip_dir / "bikes.mp4"), "--db", db], no_model),
         "bad sheet name": (["search", "--row", "0", "--db", db, "--sheet", "out.jpg"], env),
+        "unwritable sheet": (
+            ["search", "--row", "0", "--db", db, "--sheet", str(tmp_path / "no" / "x.png")],
+            env,
+        ),
+        "segments of 0 s": (["index", str(clip_dir), "--db", db, "--segment-seconds", "0"], env),
+        "a stride alone": (["index", str(clip_dir), "--db", db, "--segment-stride", "5"], env),
+        "--from alone": (["search", str(clip_dir / "bikes.mp4"), "--db", db, "--from", "1"], env),
+        "--to before --from": (
+            ["search", str(clip_dir / "bikes.mp4"), "--db", db, "--from", "2", "--to", "1"],
+            env,
+        ),
+        "moments without a view": (["search", "--row", "0", "--db", db, "--moments"], env),
     }[case]
     result = run_cli(*args, env=run_env, check_rc=rc)
     assert result.stdout == ""
