@@ -477,7 +477,7 @@ def test_errors_are_one_line_with_an_exit_code(
         "model for search": (["search", str(clip_dir / "bikes.mp4"), "--db", db], no_model),
         "bad sheet name": (["search", "--row", "0", "--db", db, "--sheet", "out.jpg"], env),
         "unwritable sheet": (
-            ["search", "--row", "0", "--db", db, "--sheet", str(tmp_path / "no" / "x.png")],
+            ["search", "--row", "1", "--db", db, "--sheet", str(tmp_path / "no" / "x.png")],
             env,
         ),
         "segments of 0 s": (["index", str(clip_dir), "--db", db, "--segment-seconds", "0"], env),
