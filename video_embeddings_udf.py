@@ -103,6 +103,7 @@ threads follow the grant, so give a GPU worker its pod's cores (docs/cluster.md)
     num_cpus=UDF_NUM_CPUS,
     memory=UDF_MEMORY,
     on_error=[Skip(ObjectFault)],
+    input_columns=["video_uri"],  # not inferred: Geneva would name `*segment` a column too
 )
 class VideoEmbedding:
     """Embed the video at each URL as ``[NUM_FRAMES, 1024]`` per-frame rows (or the raw
