@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,13 +45,14 @@ from urllib.parse import quote
 
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # before gcsfs import: avoids stalls
 
-import av  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
+from bench import make_checkpoint  # noqa: E402
 from gcs_emulator import CountingProxy, GcsEmulator, gcsfs_at  # noqa: E402
+from read_strategy import LONG_FPS, LONG_SIZE, encode_long, key_frames  # noqa: E402
 
 import video_embeddings_udf as vu  # noqa: E402
 from video_embeddings.decode import decode_frames, decode_segments  # noqa: E402
@@ -65,9 +65,7 @@ from video_embeddings.settings import SEGMENT_SECONDS, Settings  # noqa: E402
 
 BUCKET = "bench"
 NUM_FRAMES = 64
-SIZE = "640x360"
-FPS = 25
-GOP_ARGS = ["-g", str(2 * FPS)]  # a key frame every 2 s, what streaming encoders use
+GOP_ARGS = ["-g", str(2 * LONG_FPS)]  # a key frame every 2 s, what streaming encoders use
 MiB = 2**20
 
 
@@ -85,42 +83,6 @@ def describe_machine() -> dict[str, Any]:
         "torchcodec": torchcodec.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def encode(path: Path, seconds: int) -> None:
-    """``seconds`` of ``testsrc2`` (every frame differs) as an MP4, moov at the end."""
-    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi"]
-    cmd += ["-i", f"testsrc2=size={SIZE}:rate={FPS}", "-t", str(seconds)]
-    cmd += ["-c:v", "libx264", "-preset", "ultrafast", *GOP_ARGS, "-pix_fmt", "yuv420p"]
-    subprocess.run([*cmd, str(path)], check=True)
-
-
-def key_frames(path: Path) -> int:
-    """Key frames in the file's video stream, from its packets (nothing decoded)."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return sum(p.is_keyframe for p in container.demux(stream) if p.size)
-
-
-def make_checkpoint(out: Path) -> Path:
-    """The tests' tiny random V-JEPA2 (hidden 1024, one layer, 16 heads, 64 px crop), saved
-    like a hub checkpoint so the UDF loads it through its own ``from_pretrained`` path."""
-    from transformers import VJEPA2Config, VJEPA2Model
-    from transformers.models.vjepa2 import VJEPA2VideoProcessor
-
-    config = VJEPA2Config(
-        hidden_size=1024,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        crop_size=64,
-        pred_hidden_size=64,
-        pred_num_hidden_layers=1,
-        pred_num_attention_heads=4,
-    )
-    torch.manual_seed(0)
-    VJEPA2Model(config).save_pretrained(out)
-    VJEPA2VideoProcessor(crop_size=64).save_pretrained(out)
-    return out
 
 
 def measure(
@@ -215,15 +177,17 @@ def run(minutes: float, batch_rows: int) -> dict[str, Any]:
     seconds = round(minutes * 60)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        path = tmp / f"testsrc2_{SIZE}_{seconds}s_gop2s.mp4"
+        path = tmp / f"testsrc2_{LONG_SIZE}_{seconds}s_gop2s.mp4"
         t0 = time.perf_counter()
-        encode(path, seconds)
+        encode_long(path, seconds, GOP_ARGS)
         size = path.stat().st_size
         file = {
             "name": path.name, "bytes": size, "mib": size / MiB, "seconds": seconds,
             "key_frames": key_frames(path), "encode_seconds": time.perf_counter() - t0,
         }  # fmt: skip
-        settings = Settings(model=str(make_checkpoint(tmp / "model")), num_frames=NUM_FRAMES)
+        settings = Settings(
+            model=str(make_checkpoint("tiny", tmp / "model")), num_frames=NUM_FRAMES
+        )
         udf = vu.VideoEmbedding(settings).func  # type: ignore[attr-defined]
         rt: Runtime = udf._ready()
         uri = f"gs://{BUCKET}/{path.name}"
@@ -265,7 +229,7 @@ def run(minutes: float, batch_rows: int) -> dict[str, Any]:
                 },
             ]  # fmt: skip
     print(
-        f"{minutes:g}-minute {SIZE} testsrc2 MP4 at {FPS} fps, {size / MiB:.1f} MiB, "
+        f"{minutes:g}-minute {LONG_SIZE} testsrc2 MP4 at {LONG_FPS} fps, {size / MiB:.1f} MiB, "
         f"{file['key_frames']} key frames; {n} segments of {SEGMENT_SECONDS:g} s "
         f"(duration {duration:g} s), {NUM_FRAMES} frames each, {SEGMENTS_PER_DECODE} per "
         f"decode; UDF calls of {batch_rows} rows; {rt.engines.size} decode threads"
